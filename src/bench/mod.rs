@@ -1,0 +1,26 @@
+//! Load tools (`stemedb bench ...`): measure a live server from outside,
+//! over HTTP on loopback, the way a client would see it.
+//!
+//! Timed limits never live in tests; they live here and in `benches/`, and
+//! the results go to `docs/performance.md`.
+
+pub mod data;
+pub mod ingest;
+pub mod report;
+
+use clap::Subcommand;
+
+/// Bench subcommands.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Write throughput and acknowledgement latency.
+    Ingest(ingest::IngestArgs),
+}
+
+/// Runs a bench subcommand.
+pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cmd {
+        BenchCommand::Ingest(args) => rt.block_on(ingest::run(args)),
+    }
+}

@@ -1,0 +1,42 @@
+//! The `stemedb` command line: one subcommand per module.
+
+pub mod serve;
+pub mod wal;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DataArgs;
+
+/// StemeDB: a database for knowledge that AI agents disagree about.
+#[derive(Parser, Debug)]
+#[command(name = "stemedb", version, about)]
+pub struct Cli {
+    /// Where data lives.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(crate::config::ServeArgs),
+    /// Inspect the write-ahead log of a stopped server.
+    #[command(subcommand)]
+    Wal(wal::WalCommand),
+    /// Load tools (run against a live server).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+/// Runs the parsed command; the exit code is the returned value.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => serve::run(&cli.data, args),
+        Command::Wal(cmd) => wal::run(&cli.data, cmd),
+        Command::Bench(cmd) => crate::bench::run(cmd),
+    }
+}

@@ -1,0 +1,98 @@
+//! Configuration: clap flags with environment fallbacks.
+//!
+//! Every value can come from a flag or from its `STEMEDB_*` variable, so the
+//! same binary runs from a shell, from systemd (`Environment=`) and from
+//! tests. Bad values fail at start with the variable's name, because a
+//! server that starts with a half-understood configuration is worse than
+//! one that refuses to start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use crate::wal::SyncMode;
+
+/// Where data lives. Shared by every subcommand that reads or writes data.
+#[derive(Args, Clone, Debug)]
+pub struct DataArgs {
+    /// Root of the data directory.
+    #[arg(long, env = "STEMEDB_DATA_DIR", default_value = "./stemedb-data", global = true)]
+    pub data_dir: PathBuf,
+    /// WAL directory [default: <data-dir>/wal].
+    #[arg(long, env = "STEMEDB_WAL_DIR", global = true)]
+    pub wal_dir: Option<PathBuf>,
+    /// Projection stores directory [default: <data-dir>/db].
+    #[arg(long, env = "STEMEDB_DB_DIR", global = true)]
+    pub db_dir: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The WAL directory, with the default applied.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.wal_dir.clone().unwrap_or_else(|| self.data_dir.join("wal"))
+    }
+
+    /// The projection directory, with the default applied.
+    pub fn db_dir(&self) -> PathBuf {
+        self.db_dir.clone().unwrap_or_else(|| self.data_dir.join("db"))
+    }
+
+    /// The write side's id index file (beside the projections, but owned
+    /// by the write path).
+    pub fn id_index_path(&self) -> PathBuf {
+        self.db_dir().join("ids.redb")
+    }
+}
+
+/// `STEMEDB_WAL_SYNC` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WalSync {
+    /// fdatasync before acknowledging (durable).
+    Always,
+    /// Never fdatasync (benchmarks only: acknowledged writes can be lost).
+    Never,
+}
+
+impl From<WalSync> for SyncMode {
+    fn from(s: WalSync) -> Self {
+        match s {
+            WalSync::Always => SyncMode::Always,
+            WalSync::Never => SyncMode::Never,
+        }
+    }
+}
+
+/// Options of `stemedb serve`.
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "STEMEDB_BIND_ADDR", default_value = "127.0.0.1:18180")]
+    pub bind: SocketAddr,
+    /// Roll WAL segments at this size (bytes; at least 4096).
+    #[arg(long, env = "STEMEDB_WAL_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = parse_segment_bytes)]
+    pub wal_segment_bytes: u64,
+    /// `always` (durable) or `never` (benchmarks only).
+    #[arg(long, env = "STEMEDB_WAL_SYNC", value_enum, default_value = "always")]
+    pub wal_sync: WalSync,
+    /// Reject unsigned assertions and agents that are not public keys.
+    #[arg(long, env = "STEMEDB_REQUIRE_SIGNATURES", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub require_signatures: bool,
+}
+
+fn parse_segment_bytes(s: &str) -> Result<u64, String> {
+    let n: u64 = s.trim().parse().map_err(|_| format!("{s:?} is not a whole number of bytes"))?;
+    if n < 4096 {
+        return Err(format!("{n} is too small; use at least 4096 bytes"));
+    }
+    Ok(n)
+}
+
+/// Strict booleans: a typo must not silently mean `false`.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean; use true or false")),
+    }
+}

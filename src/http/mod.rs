@@ -1,0 +1,53 @@
+//! The HTTP API (axum): routes, shared state, error shape and serving.
+//!
+//! Handlers stay thin: they read and validate input, call the write path or
+//! the read side, and shape the answer. Every error leaves as a
+//! [`problem::Problem`].
+
+pub mod assertions;
+pub mod body;
+pub mod middleware;
+pub mod problem;
+pub mod system;
+
+use std::future::Future;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::ingest::Ingest;
+use crate::model::parse::ParseOptions;
+use problem::Problem;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The write path.
+    pub ingest: Ingest,
+    /// Validation policy.
+    pub parse_options: ParseOptions,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// All routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/assertions", post(assertions::create))
+        .route("/v1/assertions/batch", post(assertions::create_batch))
+        .route("/v1/assertions/{id}/retractions", post(assertions::retract))
+        .route("/v1/health", get(system::health))
+        .route("/metrics", get(system::metrics))
+        .fallback(|req: Request| async move { Problem::no_route(req.uri().path()) })
+        .method_not_allowed_fallback(|req: Request| async move { Problem::method_not_allowed(req.method().as_str(), req.uri().path()) })
+        .layer(axum::middleware::from_fn(middleware::record_metrics))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

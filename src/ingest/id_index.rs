@@ -1,0 +1,186 @@
+//! The write side's id index: exact idempotency and write-time checks.
+//!
+//! Maps every assertion id to its position plus two 64-bit fingerprints
+//! (of its agent, and of its subject/predicate pair), and every retracted id
+//! to the position of its first retraction. That is all the write path
+//! needs to answer "duplicate?", "may this agent supersede or retract it?"
+//! without touching the read side.
+//!
+//! It lives in redb, a B-tree: a lookup at 100M ids is ~4 page reads, almost
+//! all cached, and memory stays bounded by redb's cache instead of growing
+//! with the log. Inserts use non-durable commits (no fsync; the WAL already
+//! made the events durable), with a durable commit at most every second.
+//! The index stores the last WAL position it covers in the same
+//! transaction, so after a crash it simply re-reads the WAL from there.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+
+use crate::model::{Assertion, AssertionId};
+
+const IDS: TableDefinition<[u8; 32], (u64, u64, u64)> = TableDefinition::new("ids");
+const RETRACTIONS: TableDefinition<[u8; 32], u64> = TableDefinition::new("retractions");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const CHECKPOINT: &str = "wal_position";
+
+/// How often the index is made durable.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
+
+/// What the index knows of one assertion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdEntry {
+    /// Where it is in the log.
+    pub position: u64,
+    /// Fingerprint of its agent.
+    pub agent: u64,
+    /// Fingerprint of its (subject, predicate).
+    pub pair: u64,
+}
+
+impl IdEntry {
+    /// The entry for `a` recorded at `position`.
+    pub fn of(a: &Assertion, position: u64) -> IdEntry {
+        IdEntry { position, agent: agent_fingerprint(&a.agent), pair: pair_fingerprint(&a.subject, &a.predicate) }
+    }
+}
+
+/// 64-bit fingerprint of an agent name.
+pub fn agent_fingerprint(agent: &str) -> u64 {
+    fingerprint(&[agent.as_bytes()])
+}
+
+/// 64-bit fingerprint of a (subject, predicate) pair.
+pub fn pair_fingerprint(subject: &str, predicate: &str) -> u64 {
+    fingerprint(&[subject.as_bytes(), predicate.as_bytes()])
+}
+
+fn fingerprint(parts: &[&[u8]]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(out)
+}
+
+/// Errors of the id index (all are storage errors).
+#[derive(Debug, thiserror::Error)]
+#[error("id index: {0}")]
+pub struct IndexError(String);
+
+fn err(e: impl std::fmt::Display) -> IndexError {
+    IndexError(e.to_string())
+}
+
+/// The persistent id index, owned by the committer thread.
+pub struct IdIndex {
+    db: Database,
+    last_durable: Instant,
+    dirty: bool,
+}
+
+impl IdIndex {
+    /// Opens or creates the index file.
+    pub fn open(path: &Path) -> Result<IdIndex, IndexError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(err)?;
+        }
+        let db = Database::create(path).map_err(err)?;
+        let tx = db.begin_write().map_err(err)?;
+        tx.open_table(IDS).map_err(err)?;
+        tx.open_table(RETRACTIONS).map_err(err)?;
+        tx.open_table(META).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(IdIndex { db, last_durable: Instant::now(), dirty: false })
+    }
+
+    /// The last WAL position the index covers.
+    pub fn checkpoint(&self) -> Result<u64, IndexError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let meta = tx.open_table(META).map_err(err)?;
+        Ok(meta.get(CHECKPOINT).map_err(err)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Empties the index (when it belongs to another log).
+    pub fn clear(&mut self) -> Result<(), IndexError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.delete_table(IDS).map_err(err)?;
+        tx.delete_table(RETRACTIONS).map_err(err)?;
+        tx.delete_table(META).map_err(err)?;
+        tx.open_table(IDS).map_err(err)?;
+        tx.open_table(RETRACTIONS).map_err(err)?;
+        tx.open_table(META).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// A read view for one group of lookups.
+    pub fn reader(&self) -> Result<IndexReader, IndexError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        Ok(IndexReader { ids: tx.open_table(IDS).map_err(err)?, retractions: tx.open_table(RETRACTIONS).map_err(err)? })
+    }
+
+    /// Records a committed group and advances the checkpoint to `position`.
+    pub fn insert(&mut self, ids: &[(AssertionId, IdEntry)], retractions: &[(AssertionId, u64)], position: u64) -> Result<(), IndexError> {
+        let mut tx = self.db.begin_write().map_err(err)?;
+        let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
+        tx.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(err)?;
+        {
+            let mut t = tx.open_table(IDS).map_err(err)?;
+            for (id, e) in ids {
+                t.insert(id.0, (e.position, e.agent, e.pair)).map_err(err)?;
+            }
+            let mut r = tx.open_table(RETRACTIONS).map_err(err)?;
+            for (id, p) in retractions {
+                r.insert(id.0, *p).map_err(err)?;
+            }
+            let mut m = tx.open_table(META).map_err(err)?;
+            m.insert(CHECKPOINT, position).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        if durable {
+            self.last_durable = Instant::now();
+            self.dirty = false;
+        } else {
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Makes everything inserted so far durable (at shutdown).
+    pub fn flush(&mut self) -> Result<(), IndexError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().map_err(err)?;
+        tx.set_durability(Durability::Immediate).map_err(err)?;
+        tx.commit().map_err(err)?;
+        self.dirty = false;
+        self.last_durable = Instant::now();
+        Ok(())
+    }
+}
+
+/// A consistent snapshot for lookups.
+pub struct IndexReader {
+    ids: redb::ReadOnlyTable<[u8; 32], (u64, u64, u64)>,
+    retractions: redb::ReadOnlyTable<[u8; 32], u64>,
+}
+
+impl IndexReader {
+    /// The entry of `id`, if recorded.
+    pub fn get(&self, id: &AssertionId) -> Result<Option<IdEntry>, IndexError> {
+        Ok(self.ids.get(id.0).map_err(err)?.map(|v| {
+            let (position, agent, pair) = v.value();
+            IdEntry { position, agent, pair }
+        }))
+    }
+
+    /// Position of the first retraction of `id`, if retracted.
+    pub fn retraction(&self, id: &AssertionId) -> Result<Option<u64>, IndexError> {
+        Ok(self.retractions.get(id.0).map_err(err)?.map(|v| v.value()))
+    }
+}
