@@ -78,6 +78,12 @@ pub struct ServeArgs {
     /// Reject unsigned assertions and agents that are not public keys.
     #[arg(long, env = "STEMEDB_REQUIRE_SIGNATURES", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub require_signatures: bool,
+    /// Directory holding `lenses.toml` [default: the definitions built into the binary].
+    #[arg(long, env = "STEMEDB_PROJECTIONS_DIR")]
+    pub projections_dir: Option<PathBuf>,
+    /// `/v1/ready` answers 503 when a projection is more than this many events behind.
+    #[arg(long, env = "STEMEDB_READY_MAX_LAG", default_value_t = 10_000)]
+    pub ready_max_lag: u64,
 }
 
 fn parse_segment_bytes(s: &str) -> Result<u64, String> {

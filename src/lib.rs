@@ -19,6 +19,8 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod lens;
 pub mod model;
+pub mod projection;
 pub mod telemetry;
 pub mod wal;

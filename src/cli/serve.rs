@@ -7,6 +7,7 @@ use crate::config::{DataArgs, ServeArgs, WalSync};
 use crate::http::{self, AppState};
 use crate::ingest::{Ingest, IngestOptions};
 use crate::model::parse::ParseOptions;
+use crate::projection::read_side::ReadSide;
 use crate::wal::WriterOptions;
 
 /// Starts the server and blocks until SIGTERM/SIGINT and a clean shutdown.
@@ -32,13 +33,27 @@ async fn serve(data: &DataArgs, args: ServeArgs) -> anyhow::Result<()> {
         max_group_events: 65_536,
     })
     .with_context(|| format!("cannot open the data directory {}", data.data_dir.display()))?;
+    let defs = crate::lens::Definitions::load(args.projections_dir.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid lens definitions (STEMEDB_PROJECTIONS_DIR): {e}"))?;
+    let read = std::sync::Arc::new(
+        ReadSide::start(&data.db_dir(), &data.wal_dir(), &ingest, defs).context("cannot open the projections (STEMEDB_DB_DIR)")?,
+    );
     let listener =
         tokio::net::TcpListener::bind(args.bind).await.with_context(|| format!("cannot listen on {} (STEMEDB_BIND_ADDR)", args.bind))?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %data.data_dir.display(), position = ingest.committed_position(), "StemeDB listening");
-    let state = AppState { ingest: ingest.clone(), parse_options: ParseOptions { require_signatures: args.require_signatures }, metrics };
+    let state = AppState {
+        ingest: ingest.clone(),
+        parse_options: ParseOptions { require_signatures: args.require_signatures },
+        metrics,
+        read: read.clone(),
+        ready_max_lag: args.ready_max_lag,
+    };
     http::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("HTTP server stopped; finishing queued commits");
     ingest.shutdown().await;
+    // Workers apply what the committer made durable, then exit.
+    let r = read.clone();
+    tokio::task::spawn_blocking(move || r.join()).await?;
     tracing::info!(position = ingest.committed_position(), "shut down cleanly");
     Ok(())
 }

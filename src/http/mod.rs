@@ -6,8 +6,12 @@
 
 pub mod assertions;
 pub mod body;
+pub mod consistency;
+pub mod kv;
+pub mod lenses;
 pub mod middleware;
 pub mod problem;
+pub mod query;
 pub mod system;
 
 use std::future::Future;
@@ -31,12 +35,21 @@ pub struct AppState {
     pub parse_options: ParseOptions,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The projections.
+    pub read: std::sync::Arc<crate::projection::read_side::ReadSide>,
+    /// `/v1/ready` fails when a projection is further behind than this.
+    pub ready_max_lag: u64,
 }
 
 /// All routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/assertions", post(assertions::create))
+        .route("/v1/assertions", post(assertions::create).get(kv::list))
+        .route("/v1/assertions/{id}", get(kv::get))
+        .route("/v1/history", get(kv::history))
+        .route("/v1/lenses/{lens}", get(lenses::query))
+        .route("/v1/subjects/{subject}", get(lenses::subject))
+        .route("/v1/ready", get(system::ready))
         .route("/v1/assertions/batch", post(assertions::create_batch))
         .route("/v1/assertions/{id}/retractions", post(assertions::retract))
         .route("/v1/health", get(system::health))

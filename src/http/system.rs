@@ -17,6 +17,35 @@ pub async fn health(State(st): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// `GET /v1/ready`: 200 when every projection is within the configured lag
+/// of the committed head and none is failing; otherwise 503 naming the
+/// lagging projection, so a load balancer stops routing reads here.
+pub async fn ready(State(st): State<AppState>) -> Response {
+    let head = st.ingest.committed_position();
+    let status = st.read.status();
+    let lagging: Vec<&str> =
+        status.iter().filter(|p| p.failing || head.saturating_sub(p.position) > st.ready_max_lag).map(|p| p.name).collect();
+    let projections: serde_json::Map<String, serde_json::Value> = status
+        .iter()
+        .map(|p| (p.name.to_string(), json!({"position": p.position, "lag": head.saturating_sub(p.position), "failing": p.failing})))
+        .collect();
+    if lagging.is_empty() {
+        Json(json!({"status": "ready", "position": head, "projections": projections})).into_response()
+    } else {
+        super::problem::Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            format!("projection(s) {} are more than {} events behind the log head {head} or failing", lagging.join(", "), st.ready_max_lag),
+        )
+        .with("lagging", lagging)
+        .with("position", head)
+        .with("projections", projections)
+        .retry_after(1)
+        .into_response()
+    }
+}
+
 /// `GET /metrics` in the Prometheus text format.
 pub async fn metrics(State(st): State<AppState>) -> Response {
     let mut resp = st.metrics.render().into_response();

@@ -169,6 +169,12 @@ impl Ingest {
         self.committed.load(Ordering::Acquire)
     }
 
+    /// The shared committed position, for threads that read it without
+    /// async (projection workers).
+    pub fn committed_handle(&self) -> Arc<AtomicU64> {
+        self.committed.clone()
+    }
+
     /// A receiver woken with each new committed position (it sees the
     /// latest value; intermediate ones may be skipped).
     pub fn subscribe(&self) -> async_broadcast::Receiver<u64> {
@@ -386,12 +392,14 @@ fn stage(
                     continue;
                 }
                 let me = IdEntry::of(assertion, next);
-                for (k, sid) in assertion.supersedes.iter().enumerate() {
+                for sid in &assertion.supersedes {
                     let target = match local.get(sid) {
                         Some(e) => Some(*e),
                         None => group.lookup(idx, sid).map_err(unavailable)?,
                     };
-                    let field = format!("supersedes.{k}");
+                    // `supersedes` is kept sorted, so an index here is not the
+                    // index the client sent; the reason names the id instead.
+                    let field = "supersedes".to_string();
                     match target {
                         None => {
                             errors.push(ItemError { index: i, field, reason: format!("no assertion {sid} is in the log"), status: 422 })

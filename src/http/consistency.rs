@@ -1,0 +1,30 @@
+//! Read-your-writes: hold a read until the projections it uses have
+//! applied the client's `min_position`, or answer 503 with `Retry-After`.
+
+use axum::http::StatusCode;
+
+use super::AppState;
+use super::problem::Problem;
+use super::query::Params;
+
+/// Waits as `params` ask (if they do) for the named projections.
+pub async fn wait(st: &AppState, params: &Params, projections: &[&str]) -> Result<(), Problem> {
+    let Some((position, timeout)) = params.consistency()? else { return Ok(()) };
+    let head = st.ingest.committed_position();
+    if position > head {
+        // Waiting cannot help for a position the log has not reached; this
+        // is a client error unless a write is in flight, so still wait.
+        tracing::debug!(position, head, "min_position beyond the committed head");
+    }
+    st.read.wait_for(projections, position, timeout).await.map_err(|(name, at)| {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-caught-up",
+            "Projection has not caught up",
+            format!("projection {name} has applied position {at}, not yet {position}, after {} ms; retry", timeout.as_millis()),
+        )
+        .with("projection", name)
+        .with("applied_position", at)
+        .retry_after(1)
+    })
+}

@@ -1,0 +1,125 @@
+//! Lens reads: `GET /v1/lenses/{lens}` and `GET /v1/subjects/{subject}`.
+//!
+//! Plain queries are answered from the materialized summaries. `decay`
+//! recomputes from the pair's live set (the reference time is now); `as_of`
+//! replays the pair's history from the KV view up to that transaction time.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+use super::AppState;
+use super::consistency;
+use super::kv::blocking;
+use super::problem::Problem;
+use super::query::Params;
+use crate::lens::{self, Lens, LiveSet, Resolution, Weighting};
+use crate::model::time;
+use crate::projection::kv::EventKind;
+
+fn unknown_lens(name: &str) -> Problem {
+    let names: Vec<&str> = Lens::ALL.iter().map(|l| l.as_str()).collect();
+    Problem::new(StatusCode::NOT_FOUND, "unknown-lens", "No such lens", format!("{name:?} is not a lens; lenses are {}", names.join(", ")))
+        .with("lenses", names)
+}
+
+/// The JSON of one resolution (without the envelope).
+pub fn resolution_json(r: &Resolution) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("winner".into(), serde_json::to_value(&r.winner).unwrap_or(Value::Null));
+    m.insert("claims".into(), serde_json::to_value(&r.claims).unwrap_or(Value::Null));
+    m.insert("conflict".into(), serde_json::to_value(&r.conflict).unwrap_or(Value::Null));
+    if let Some(tiers) = &r.tiers {
+        let t: Map<String, Value> =
+            tiers.iter().map(|(tier, res)| (tier.as_str().to_string(), Value::Object(resolution_json(res)))).collect();
+        m.insert("tiers".into(), Value::Object(t));
+    }
+    m
+}
+
+/// `GET /v1/lenses/{lens}?subject=S&predicate=P[&as_of=T][&decay=true]`
+pub async fn query(State(st): State<AppState>, Path(name): Path<String>, RawQuery(q): RawQuery) -> Result<Json<Value>, Problem> {
+    let lens = Lens::parse(&name).ok_or_else(|| unknown_lens(&name))?;
+    let params = Params::parse(q.as_deref(), &["subject", "predicate", "as_of", "decay"])?;
+    let subject = params.required("subject")?.to_string();
+    let predicate = params.required("predicate")?.to_string();
+    let as_of = params.time("as_of")?;
+    let decay = params.bool("decay")?.unwrap_or(false);
+    let needs = if as_of.is_some() { ["kv", "lenses"].as_slice() } else { ["lenses"].as_slice() };
+    consistency::wait(&st, &params, needs).await?;
+    let (resolution, position) = resolve(&st, lens, &subject, &predicate, as_of, decay).await?;
+    let mut body = Map::new();
+    body.insert("subject".into(), json!(subject));
+    body.insert("predicate".into(), json!(predicate));
+    body.insert("lens".into(), json!(lens.as_str()));
+    body.insert("as_of".into(), json!(as_of.map(|t| time::format(&t))));
+    body.insert("decay".into(), json!(decay));
+    body.insert("position".into(), json!(position));
+    body.extend(resolution_json(&resolution));
+    Ok(Json(Value::Object(body)))
+}
+
+async fn resolve(
+    st: &AppState,
+    lens: Lens,
+    subject: &str,
+    predicate: &str,
+    as_of: Option<DateTime<Utc>>,
+    decay: bool,
+) -> Result<(Resolution, u64), Problem> {
+    let (s, p) = (subject.to_string(), predicate.to_string());
+    let defs = st.read.lenses.definitions().clone();
+    match as_of {
+        Some(t) => {
+            let kv = st.read.kv.clone();
+            let t_ns = t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 { i64::MIN } else { i64::MAX });
+            blocking(move || {
+                let (events, _) = kv.history(&s, &p, Some(t_ns))?;
+                let mut set = LiveSet::default();
+                for ev in &events {
+                    match ev.kind {
+                        EventKind::AssertionRecorded => set.record(ev.assertion.id, ev.position, ev.recorded_at, &ev.assertion.assertion),
+                        EventKind::AssertionRetracted => {
+                            set.retract(&ev.assertion.id);
+                        }
+                    }
+                }
+                let position = kv.position_at(t_ns)?;
+                Ok((lens::resolve(lens, &set, &defs, Weighting { decay, reference: t }), position))
+            })
+            .await
+        }
+        None if decay => {
+            let store = st.read.lenses.clone();
+            blocking(move || {
+                let (set, position) = store.live_set(&s, &p)?;
+                Ok((lens::resolve(lens, &set, &defs, Weighting { decay: true, reference: Utc::now() }), position))
+            })
+            .await
+        }
+        None => {
+            let store = st.read.lenses.clone();
+            blocking(move || {
+                let (summary, position) = store.summary(&s, &p)?;
+                Ok((summary.resolution(lens), position))
+            })
+            .await
+        }
+    }
+}
+
+/// `GET /v1/subjects/{subject}?lens=L`
+pub async fn subject(State(st): State<AppState>, Path(subject): Path<String>, RawQuery(q): RawQuery) -> Result<Json<Value>, Problem> {
+    let params = Params::parse(q.as_deref(), &["lens"])?;
+    let name = params.str("lens").unwrap_or("consensus");
+    let lens = Lens::parse(name).ok_or_else(|| unknown_lens(name))?;
+    consistency::wait(&st, &params, &["lenses"]).await?;
+    let store = st.read.lenses.clone();
+    let s = subject.clone();
+    let (rows, position) = blocking(move || store.subject(&s)).await?;
+    let predicates: Map<String, Value> =
+        rows.into_iter().map(|(p, summary)| (p, Value::Object(resolution_json(&summary.resolution(lens))))).collect();
+    Ok(Json(json!({"subject": subject, "lens": lens.as_str(), "position": position, "predicates": predicates})))
+}

@@ -1,0 +1,256 @@
+//! Reading the KV view: by id, filtered lists in log order, pair history,
+//! and the position-for-time lookup used by `as_of`.
+
+use redb::{ReadTransaction, ReadableDatabase};
+use serde::Serialize;
+
+use super::*;
+use crate::projection::pair_key;
+
+/// The public shape of one stored assertion (`GET /v1/assertions/{id}`).
+#[derive(Clone, Debug, Serialize)]
+pub struct StoredView {
+    /// The id.
+    pub id: AssertionId,
+    /// Log position.
+    pub position: u64,
+    /// Server time of recording.
+    pub recorded_at: String,
+    /// As submitted.
+    pub assertion: Assertion,
+    /// Whether it has been retracted.
+    pub retracted: bool,
+    /// The retraction, if any.
+    pub retraction: Option<StoredRetraction>,
+    /// Ids of assertions that supersede it.
+    pub superseded_by: Vec<AssertionId>,
+}
+
+impl StoredView {
+    fn new(id: AssertionId, s: StoredAssertion) -> StoredView {
+        StoredView {
+            id,
+            position: s.position,
+            recorded_at: crate::model::time::format(&s.recorded_at),
+            assertion: s.assertion,
+            retracted: s.retraction.is_some(),
+            retraction: s.retraction,
+            superseded_by: s.superseded_by,
+        }
+    }
+}
+
+/// Filters of `GET /v1/assertions`.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    /// Exact subject.
+    pub subject: Option<String>,
+    /// Exact predicate.
+    pub predicate: Option<String>,
+    /// Exact agent.
+    pub agent: Option<String>,
+    /// Only positions after this one (the cursor).
+    pub after: u64,
+    /// Most items.
+    pub limit: usize,
+}
+
+/// What happened in a pair's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// An assertion was recorded.
+    AssertionRecorded,
+    /// An assertion was retracted.
+    AssertionRetracted,
+}
+
+/// One event of a pair's history.
+#[derive(Clone, Debug, Serialize)]
+pub struct HistoryEvent {
+    /// Position of this event.
+    pub position: u64,
+    /// Kind of event.
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    /// When this event was recorded.
+    #[serde(with = "crate::model::time::serde_normal")]
+    pub recorded_at: DateTime<Utc>,
+    /// The assertion concerned, in its current state.
+    pub assertion: StoredView,
+}
+
+impl KvStore {
+    fn read(&self) -> Result<ReadTransaction, ProjectionError> {
+        self.db.begin_read().map_err(kerr)
+    }
+
+    /// The applied position as seen by a read transaction.
+    fn checkpoint_in(tx: &ReadTransaction) -> Result<u64, ProjectionError> {
+        let meta = tx.open_table(META).map_err(kerr)?;
+        Ok(meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    fn load(t: &redb::ReadOnlyTable<&[u8], &[u8]>, id: &AssertionId) -> Result<Option<StoredAssertion>, ProjectionError> {
+        match t.get(id.0.as_slice()).map_err(kerr)? {
+            Some(v) => Ok(Some(rmp_serde::from_slice(v.value()).map_err(kerr)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The raw stored state of `id`.
+    pub fn get_stored(&self, id: &AssertionId) -> Result<Option<StoredAssertion>, ProjectionError> {
+        let tx = self.read()?;
+        let t = tx.open_table(ASSERTIONS).map_err(kerr)?;
+        Self::load(&t, id)
+    }
+
+    /// One assertion with its state, and the position the answer reflects.
+    pub fn get(&self, id: &AssertionId) -> Result<(Option<StoredView>, u64), ProjectionError> {
+        let tx = self.read()?;
+        let t = tx.open_table(ASSERTIONS).map_err(kerr)?;
+        Ok((Self::load(&t, id)?.map(|s| StoredView::new(*id, s)), Self::checkpoint_in(&tx)?))
+    }
+
+    /// Assertions matching `f` in log order, and the cursor for the next page.
+    pub fn list(&self, f: &ListFilter) -> Result<(Vec<StoredView>, Option<u64>), ProjectionError> {
+        let tx = self.read()?;
+        let assertions = tx.open_table(ASSERTIONS).map_err(kerr)?;
+        let mut items = Vec::new();
+        let mut next = None;
+        // Pick the most selective index; other filters are checked per item.
+        let (table, prefix): (Option<redb::TableDefinition<&[u8], &[u8]>>, Vec<u8>) = match (&f.subject, &f.predicate, &f.agent) {
+            (Some(_), Some(_), _) => (None, Vec::new()),
+            (Some(s), None, _) => (Some(BY_SUBJECT), s.as_bytes().to_vec()),
+            (None, _, Some(a)) => (Some(BY_AGENT), a.as_bytes().to_vec()),
+            (None, Some(p), None) => (Some(BY_PREDICATE), p.as_bytes().to_vec()),
+            (None, None, None) => (None, Vec::new()),
+        };
+        let mut consider = |id: AssertionId, position: u64| -> Result<bool, ProjectionError> {
+            if items.len() == f.limit {
+                next = Some(items.last().map(|v: &StoredView| v.position).unwrap_or(position));
+                return Ok(false);
+            }
+            if let Some(s) = Self::load(&assertions, &id)? {
+                let a = &s.assertion;
+                let ok = f.subject.as_ref().is_none_or(|x| *x == a.subject)
+                    && f.predicate.as_ref().is_none_or(|x| *x == a.predicate)
+                    && f.agent.as_ref().is_none_or(|x| *x == a.agent);
+                if ok {
+                    items.push(StoredView::new(id, s));
+                }
+            }
+            Ok(true)
+        };
+        if let (Some(s), Some(p)) = (&f.subject, &f.predicate) {
+            let pk = pair_key(s, p);
+            let t = tx.open_table(BY_PAIR).map_err(kerr)?;
+            let start = index_key(&pk, f.after.saturating_add(1));
+            let end = index_key(&pk, u64::MAX);
+            for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
+                let (k, v) = row.map_err(kerr)?;
+                let (id, kind) = v.value();
+                if kind != KIND_ASSERTED {
+                    continue;
+                }
+                if !consider(id_from(id)?, position_of(k.value()))? {
+                    break;
+                }
+            }
+        } else if let Some(def) = table {
+            let t = tx.open_table(def).map_err(kerr)?;
+            let start = index_key(&prefix, f.after.saturating_add(1));
+            let end = index_key(&prefix, u64::MAX);
+            for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
+                let (k, v) = row.map_err(kerr)?;
+                if !consider(id_from(v.value())?, position_of(k.value()))? {
+                    break;
+                }
+            }
+        } else {
+            let t = tx.open_table(LOG).map_err(kerr)?;
+            for row in t.range(f.after.saturating_add(1)..).map_err(kerr)? {
+                let (k, v) = row.map_err(kerr)?;
+                let (id, kind, _) = v.value();
+                if kind != KIND_ASSERTED {
+                    continue;
+                }
+                if !consider(id_from(id)?, k.value())? {
+                    break;
+                }
+            }
+        }
+        Ok((items, next))
+    }
+
+    /// Every event about one pair, in log order, optionally only those
+    /// recorded at or before `until_ns`, and the position the answer reflects.
+    pub fn history(&self, subject: &str, predicate: &str, until_ns: Option<i64>) -> Result<(Vec<HistoryEvent>, u64), ProjectionError> {
+        let tx = self.read()?;
+        let assertions = tx.open_table(ASSERTIONS).map_err(kerr)?;
+        let by_pair = tx.open_table(BY_PAIR).map_err(kerr)?;
+        let pk = pair_key(subject, predicate);
+        let start = index_key(&pk, 0);
+        let end = index_key(&pk, u64::MAX);
+        let mut out = Vec::new();
+        for row in by_pair.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
+            let (k, v) = row.map_err(kerr)?;
+            let position = position_of(k.value());
+            let (id, kind) = v.value();
+            let id = id_from(id)?;
+            let Some(s) = Self::load(&assertions, &id)? else { continue };
+            let recorded_at = if kind == KIND_ASSERTED {
+                s.recorded_at
+            } else {
+                match &s.retraction {
+                    Some(r) if r.position == position => r.recorded_at,
+                    // A repeated retraction is never appended, so this is the first.
+                    _ => s.recorded_at,
+                }
+            };
+            if until_ns.is_some_and(|u| ns(&recorded_at) > u) {
+                break; // recorded_at grows with position
+            }
+            out.push(HistoryEvent {
+                position,
+                kind: if kind == KIND_ASSERTED { EventKind::AssertionRecorded } else { EventKind::AssertionRetracted },
+                recorded_at,
+                assertion: StoredView::new(id, s),
+            });
+        }
+        Ok((out, Self::checkpoint_in(&tx)?))
+    }
+
+    /// The last position recorded at or before `t_ns` (0 if none), among
+    /// the applied ones. Binary search: `recorded_at` never decreases with
+    /// position.
+    pub fn position_at(&self, t_ns: i64) -> Result<u64, ProjectionError> {
+        let tx = self.read()?;
+        let log = tx.open_table(LOG).map_err(kerr)?;
+        let (mut lo, mut hi) = (0u64, Self::checkpoint_in(&tx)?);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            let at = log.get(mid).map_err(kerr)?.map(|v| v.value().2).unwrap_or(i64::MAX);
+            if at <= t_ns {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        Ok(lo)
+    }
+}
+
+fn id_from(b: &[u8]) -> Result<AssertionId, ProjectionError> {
+    let arr: [u8; 32] = b.try_into().map_err(|_| ProjectionError { projection: NAME, message: "stored id is not 32 bytes".into() })?;
+    Ok(AssertionId(arr))
+}
+
+fn position_of(key: &[u8]) -> u64 {
+    let n = key.len();
+    let mut p = [0u8; 8];
+    if n >= 8 {
+        p.copy_from_slice(&key[n - 8..]);
+    }
+    u64::from_be_bytes(p)
+}

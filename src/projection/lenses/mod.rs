@@ -1,0 +1,230 @@
+//! The `lenses` projection (redb): per `(subject, predicate)`, the live set
+//! and a materialized [`Summary`] from which every lens answers without
+//! `as_of`/`decay` in time proportional to the number of distinct values.
+//!
+//! Each batch loads every touched pair once, applies its events to the
+//! live set, recomputes the pair's summary once (in log order, so results
+//! are reproducible bit for bit), and writes both back with the checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{DurableEvery, Projection, ProjectionError, pair_key, split_pair_key};
+use crate::lens::resolve::Weighting;
+use crate::lens::{self, Claim, Conflict, Definitions, Lens, LiveSet, Resolution, Winner};
+use crate::model::{Event, LogRecord, Tier};
+
+const NAME: &str = "lenses";
+const PAIRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pairs");
+const SUMMARIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("summaries");
+const OWNERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("owners");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META_TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text");
+
+/// Materialized answers of one pair for every lens without decay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Consensus claims, shared by every lens.
+    pub claims: Vec<Claim>,
+    /// Conflict over the claims.
+    pub conflict: Conflict,
+    /// Winners of the single-winner lenses.
+    pub recency: Option<Winner>,
+    /// See [`Lens::Confidence`].
+    pub confidence: Option<Winner>,
+    /// See [`Lens::Authority`].
+    pub authority: Option<Winner>,
+    /// Per-tier consensus for `layered`.
+    pub tiers: BTreeMap<Tier, Resolution>,
+}
+
+impl Summary {
+    /// Computes the summary of a live set.
+    pub fn of(set: &LiveSet, defs: &Definitions) -> Summary {
+        let w = Weighting::plain();
+        let consensus = lens::resolve(Lens::Consensus, set, defs, w);
+        let layered = lens::resolve(Lens::Layered, set, defs, w);
+        Summary {
+            recency: lens::resolve(Lens::Recency, set, defs, w).winner,
+            confidence: lens::resolve(Lens::Confidence, set, defs, w).winner,
+            authority: lens::resolve(Lens::Authority, set, defs, w).winner,
+            claims: consensus.claims,
+            conflict: consensus.conflict,
+            tiers: layered.tiers.unwrap_or_default(),
+        }
+    }
+
+    /// The answer of `lens`.
+    pub fn resolution(&self, lens: Lens) -> Resolution {
+        let consensus_winner =
+            || self.claims.first().map(|c| Winner { value: c.value.clone(), confidence: c.share, assertions: c.assertions.clone() });
+        let (winner, tiers) = match lens {
+            Lens::Recency => (self.recency.clone(), None),
+            Lens::Confidence => (self.confidence.clone(), None),
+            Lens::Authority => (self.authority.clone(), None),
+            Lens::Consensus | Lens::Skeptic => (consensus_winner(), None),
+            Lens::Layered => (self.tiers.values().next().and_then(|r| r.winner.clone()), Some(self.tiers.clone())),
+        };
+        Resolution { winner, claims: self.claims.clone(), conflict: self.conflict.clone(), tiers }
+    }
+
+    /// The answer for a pair with no live assertions.
+    pub fn empty() -> Summary {
+        Summary::of(&LiveSet::default(), &Definitions::default())
+    }
+}
+
+/// The lenses store.
+pub struct LensStore {
+    db: Database,
+    defs: Definitions,
+    durability: DurableEvery,
+}
+
+fn e<E: std::fmt::Display>(x: E) -> ProjectionError {
+    ProjectionError { projection: NAME, message: x.to_string() }
+}
+
+impl LensStore {
+    /// Opens or creates `<dir>/lenses.redb` for `defs`. A store built with
+    /// other definitions is emptied (it will be rebuilt from the log), with
+    /// a warning: serving answers computed with other weights would be wrong.
+    pub fn open(dir: &Path, defs: Definitions) -> Result<LensStore, ProjectionError> {
+        std::fs::create_dir_all(dir).map_err(e)?;
+        let db = Database::create(dir.join("lenses.redb")).map_err(e)?;
+        let tx = db.begin_write().map_err(e)?;
+        {
+            let stored: Option<String> = tx.open_table(META_TEXT).map_err(e)?.get("definitions").map_err(e)?.map(|v| v.value().to_string());
+            if stored.as_deref().is_some_and(|h| h != defs.hash) {
+                tracing::warn!(stored = stored.as_deref().unwrap_or(""), current = %defs.hash, "lens definitions changed; rebuilding the lenses projection from the log");
+                for t in [PAIRS, SUMMARIES, OWNERS] {
+                    tx.delete_table(t).map_err(e)?;
+                }
+                tx.delete_table(META).map_err(e)?;
+            }
+            tx.open_table(PAIRS).map_err(e)?;
+            tx.open_table(SUMMARIES).map_err(e)?;
+            tx.open_table(OWNERS).map_err(e)?;
+            tx.open_table(META).map_err(e)?;
+            tx.open_table(META_TEXT).map_err(e)?.insert("definitions", defs.hash.as_str()).map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(LensStore { db, defs, durability: DurableEvery::default() })
+    }
+
+    /// The definitions answers are computed with.
+    pub fn definitions(&self) -> &Definitions {
+        &self.defs
+    }
+
+    /// The materialized summary of a pair (empty if unknown), and the
+    /// position it reflects.
+    pub fn summary(&self, subject: &str, predicate: &str) -> Result<(Summary, u64), ProjectionError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(SUMMARIES).map_err(e)?;
+        let s = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
+            Some(v) => rmp_serde::from_slice(v.value()).map_err(e)?,
+            None => Summary::empty(),
+        };
+        Ok((s, checkpoint_in(&tx)?))
+    }
+
+    /// The live set of a pair (for `decay` queries), and its position.
+    pub fn live_set(&self, subject: &str, predicate: &str) -> Result<(LiveSet, u64), ProjectionError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(PAIRS).map_err(e)?;
+        let s = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
+            Some(v) => rmp_serde::from_slice(v.value()).map_err(e)?,
+            None => LiveSet::default(),
+        };
+        Ok((s, checkpoint_in(&tx)?))
+    }
+
+    /// Every predicate of `subject` with its summary, and the position.
+    pub fn subject(&self, subject: &str) -> Result<(Vec<(String, Summary)>, u64), ProjectionError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(SUMMARIES).map_err(e)?;
+        let mut start = subject.as_bytes().to_vec();
+        start.push(0);
+        let mut end = subject.as_bytes().to_vec();
+        end.push(1);
+        let mut out = Vec::new();
+        for row in t.range(start.as_slice()..end.as_slice()).map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            let Some((_, p)) = split_pair_key(k.value()) else { continue };
+            out.push((p.to_string(), rmp_serde::from_slice(v.value()).map_err(e)?));
+        }
+        Ok((out, checkpoint_in(&tx)?))
+    }
+}
+
+fn checkpoint_in(tx: &redb::ReadTransaction) -> Result<u64, ProjectionError> {
+    let meta = tx.open_table(META).map_err(e)?;
+    Ok(meta.get("checkpoint").map_err(e)?.map(|v| v.value()).unwrap_or(0))
+}
+
+impl Projection for LensStore {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        checkpoint_in(&tx)
+    }
+
+    fn apply(&self, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        let Some(last) = records.last().map(|r| r.position) else { return Ok(()) };
+        let mut tx = self.db.begin_write().map_err(e)?;
+        tx.set_durability(if self.durability.due() { Durability::Immediate } else { Durability::None }).map_err(e)?;
+        {
+            let mut pairs = tx.open_table(PAIRS).map_err(e)?;
+            let mut summaries = tx.open_table(SUMMARIES).map_err(e)?;
+            let mut owners = tx.open_table(OWNERS).map_err(e)?;
+            let mut meta = tx.open_table(META).map_err(e)?;
+            if let Some(cp) = meta.get("checkpoint").map_err(e)?.map(|v| v.value()) {
+                if records[0].position != cp + 1 {
+                    return Err(e(format!("batch starts at {} but the checkpoint is {cp}", records[0].position)));
+                }
+            }
+            let mut touched: HashMap<Vec<u8>, LiveSet> = HashMap::new();
+            for r in records {
+                let (pk, id) = match &r.event {
+                    Event::AssertionRecorded { id, assertion } => (pair_key(&assertion.subject, &assertion.predicate), *id),
+                    Event::AssertionRetracted(rt) => match owners.get(rt.id.0.as_slice()).map_err(e)? {
+                        Some(v) => (v.value().to_vec(), rt.id),
+                        None => continue,
+                    },
+                };
+                if !touched.contains_key(&pk) {
+                    let set = match pairs.get(pk.as_slice()).map_err(e)? {
+                        Some(v) => rmp_serde::from_slice(v.value()).map_err(e)?,
+                        None => LiveSet::default(),
+                    };
+                    touched.insert(pk.clone(), set);
+                }
+                let Some(set) = touched.get_mut(&pk) else { continue };
+                match &r.event {
+                    Event::AssertionRecorded { assertion, .. } => {
+                        set.record(id, r.position, r.recorded_at, assertion);
+                        owners.insert(id.0.as_slice(), pk.as_slice()).map_err(e)?;
+                    }
+                    Event::AssertionRetracted(_) => {
+                        set.retract(&id);
+                    }
+                }
+            }
+            for (pk, set) in &touched {
+                let summary = Summary::of(set, &self.defs);
+                pairs.insert(pk.as_slice(), rmp_serde::to_vec_named(set).map_err(e)?.as_slice()).map_err(e)?;
+                summaries.insert(pk.as_slice(), rmp_serde::to_vec_named(&summary).map_err(e)?.as_slice()).map_err(e)?;
+            }
+            meta.insert("checkpoint", last).map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! The read side: projections that tail the log and build queryable state.
+//!
+//! A projection is a deterministic function of the log. Each one owns its
+//! store under the DB directory and keeps its **checkpoint** (last applied
+//! position) in the same transaction as its data, so a crash can neither
+//! apply an event twice nor skip one. [`worker`] runs one thread per
+//! projection: catch up from the checkpoint, then follow the committed
+//! position broadcast, applying events in batches (one transaction each).
+//!
+//! Projections know the log and the model, never HTTP. Stores:
+//! [`kv`] (assertions by id, by subject/predicate/agent, history) and
+//! [`lenses`] (live sets and materialized lens answers per pair).
+
+pub mod kv;
+pub mod lenses;
+pub mod read_side;
+pub mod worker;
+
+use crate::model::LogRecord;
+
+/// A storage error in a projection (redb, encoding or I/O).
+#[derive(Debug, thiserror::Error)]
+#[error("projection {projection}: {message}")]
+pub struct ProjectionError {
+    /// Which projection.
+    pub projection: &'static str,
+    /// What failed.
+    pub message: String,
+}
+
+/// What the worker needs from a projection store.
+pub trait Projection: Send + Sync + 'static {
+    /// Stable name: metric label, directory name, API name.
+    fn name(&self) -> &'static str;
+
+    /// The last applied position (0 when empty).
+    fn checkpoint(&self) -> Result<u64, ProjectionError>;
+
+    /// Applies `records` (consecutive, starting right after the checkpoint)
+    /// and moves the checkpoint to the last one, in one transaction.
+    fn apply(&self, records: &[LogRecord]) -> Result<(), ProjectionError>;
+}
+
+/// The key of a `(subject, predicate)` pair in projection tables:
+/// `subject ‖ 0x00 ‖ predicate`. Subjects cannot contain control
+/// characters, so the separator is unambiguous and all predicates of one
+/// subject are contiguous.
+pub fn pair_key(subject: &str, predicate: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(subject.len() + predicate.len() + 1);
+    k.extend_from_slice(subject.as_bytes());
+    k.push(0);
+    k.extend_from_slice(predicate.as_bytes());
+    k
+}
+
+/// Splits a [`pair_key`] back into subject and predicate.
+pub fn split_pair_key(k: &[u8]) -> Option<(&str, &str)> {
+    let i = k.iter().position(|b| *b == 0)?;
+    Some((std::str::from_utf8(&k[..i]).ok()?, std::str::from_utf8(&k[i + 1..]).ok()?))
+}
+
+/// Decides when a projection commit must be durable (fsynced): at most
+/// once a second. Commits in between are atomic but not synced; a crash
+/// rolls the store back to its last durable checkpoint and the worker
+/// re-applies from there.
+#[derive(Debug)]
+pub struct DurableEvery {
+    last: std::sync::Mutex<std::time::Instant>,
+    every: std::time::Duration,
+}
+
+impl Default for DurableEvery {
+    fn default() -> Self {
+        DurableEvery { last: std::sync::Mutex::new(std::time::Instant::now()), every: std::time::Duration::from_secs(1) }
+    }
+}
+
+impl DurableEvery {
+    /// Whether this commit should be durable (and if so, restarts the clock).
+    pub fn due(&self) -> bool {
+        let Ok(mut last) = self.last.lock() else { return true };
+        if last.elapsed() >= self.every {
+            *last = std::time::Instant::now();
+            true
+        } else {
+            false
+        }
+    }
+}
