@@ -6,6 +6,8 @@
 
 pub mod data;
 pub mod ingest;
+pub mod lag;
+pub mod query;
 pub mod report;
 
 use clap::Subcommand;
@@ -15,6 +17,10 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Write throughput and acknowledgement latency.
     Ingest(ingest::IngestArgs),
+    /// Lens read throughput and latency over a loaded dataset.
+    Query(query::QueryArgs),
+    /// Write → visible latency at a steady write rate.
+    Lag(lag::LagArgs),
 }
 
 /// Runs a bench subcommand.
@@ -22,5 +28,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cmd {
         BenchCommand::Ingest(args) => rt.block_on(ingest::run(args)),
+        BenchCommand::Query(args) => rt.block_on(query::run(args)),
+        BenchCommand::Lag(args) => rt.block_on(lag::run(args)),
     }
 }
