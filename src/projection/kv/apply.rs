@@ -28,7 +28,8 @@ impl Projection for KvStore {
         // re-applying those events: fsync at most once a second.
         tx.set_durability(if self.durability.due() { Durability::Immediate } else { Durability::None }).map_err(kerr)?;
         {
-            let mut assertions = tx.open_table(ASSERTIONS).map_err(kerr)?;
+            let mut stored = tx.open_table(RECORDS).map_err(kerr)?;
+            let mut ids = tx.open_table(IDS).map_err(kerr)?;
             let mut log = tx.open_table(LOG).map_err(kerr)?;
             let mut by_pair = tx.open_table(BY_PAIR).map_err(kerr)?;
             let mut by_subject = tx.open_table(BY_SUBJECT).map_err(kerr)?;
@@ -37,51 +38,34 @@ impl Projection for KvStore {
             let mut meta = tx.open_table(META).map_err(kerr)?;
             if let Some(cp) = meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()) {
                 if records[0].position != cp + 1 {
-                    return Err(ProjectionError {
-                        projection: NAME,
-                        message: format!("batch starts at {} but the checkpoint is {cp}", records[0].position),
-                    });
+                    return Err(kerr(format!("batch starts at {} but the checkpoint is {cp}", records[0].position)));
                 }
             }
-            // Assertions modified in this batch, written once at the end.
-            let mut dirty: HashMap<AssertionId, StoredAssertion> = HashMap::new();
-            let load = |dirty: &mut HashMap<AssertionId, StoredAssertion>,
-                        assertions: &redb::Table<&[u8], &[u8]>,
-                        id: &AssertionId|
-             -> Result<bool, ProjectionError> {
-                if dirty.contains_key(id) {
-                    return Ok(true);
-                }
-                match assertions.get(id.0.as_slice()).map_err(kerr)? {
-                    Some(v) => {
-                        let s: StoredAssertion = rmp_serde::from_slice(v.value()).map_err(kerr)?;
-                        dirty.insert(*id, s);
-                        Ok(true)
-                    }
-                    None => Ok(false),
-                }
-            };
+            // Assertions created or modified in this batch, by position,
+            // written once at the end; and the ids this batch created.
+            let mut dirty: HashMap<u64, StoredAssertion> = HashMap::new();
+            let mut new_ids: HashMap<AssertionId, u64> = HashMap::new();
             for r in records {
                 match &r.event {
-                    Event::AssertionRecorded { id, assertion } => {
-                        let a = assertion;
+                    Event::AssertionRecorded { id, assertion: a } => {
                         for s in &a.supersedes {
-                            if load(&mut dirty, &assertions, s)? {
-                                if let Some(t) = dirty.get_mut(s) {
-                                    t.superseded_by.push(*id);
-                                }
+                            if let Some(t) = load_mut(&mut dirty, &new_ids, &ids, &stored, s)? {
+                                t.superseded_by.push(*id);
                             }
                         }
-                        log.insert(r.position, (id.0.as_slice(), KIND_ASSERTED, ns(&r.recorded_at))).map_err(kerr)?;
+                        let p = r.position;
+                        log.insert(p, (id.0.as_slice(), KIND_ASSERTED, ns(&r.recorded_at))).map_err(kerr)?;
+                        ids.insert(id.0.as_slice(), p).map_err(kerr)?;
                         let pk = pair_key(&a.subject, &a.predicate);
-                        by_pair.insert(index_key(&pk, r.position).as_slice(), (id.0.as_slice(), KIND_ASSERTED)).map_err(kerr)?;
-                        by_subject.insert(index_key(a.subject.as_bytes(), r.position).as_slice(), id.0.as_slice()).map_err(kerr)?;
-                        by_predicate.insert(index_key(a.predicate.as_bytes(), r.position).as_slice(), id.0.as_slice()).map_err(kerr)?;
-                        by_agent.insert(index_key(a.agent.as_bytes(), r.position).as_slice(), id.0.as_slice()).map_err(kerr)?;
+                        by_pair.insert(index_key(&pk, p).as_slice(), (KIND_ASSERTED, p)).map_err(kerr)?;
+                        by_subject.insert(index_key(a.subject.as_bytes(), p).as_slice(), ()).map_err(kerr)?;
+                        by_predicate.insert(index_key(a.predicate.as_bytes(), p).as_slice(), ()).map_err(kerr)?;
+                        by_agent.insert(index_key(a.agent.as_bytes(), p).as_slice(), ()).map_err(kerr)?;
+                        new_ids.insert(*id, p);
                         dirty.insert(
-                            *id,
+                            p,
                             StoredAssertion {
-                                position: r.position,
+                                position: p,
                                 recorded_at: r.recorded_at,
                                 assertion: a.clone(),
                                 retraction: None,
@@ -91,33 +75,55 @@ impl Projection for KvStore {
                     }
                     Event::AssertionRetracted(rt) => {
                         log.insert(r.position, (rt.id.0.as_slice(), KIND_RETRACTED, ns(&r.recorded_at))).map_err(kerr)?;
-                        if load(&mut dirty, &assertions, &rt.id)? {
-                            if let Some(t) = dirty.get_mut(&rt.id) {
-                                let pk = pair_key(&t.assertion.subject, &t.assertion.predicate);
-                                by_pair
-                                    .insert(index_key(&pk, r.position).as_slice(), (rt.id.0.as_slice(), KIND_RETRACTED))
-                                    .map_err(kerr)?;
-                                if t.retraction.is_none() {
-                                    t.retraction = Some(StoredRetraction {
-                                        position: r.position,
-                                        recorded_at: r.recorded_at,
-                                        agent: rt.agent.clone(),
-                                        reason: rt.reason.clone(),
-                                        signature: rt.signature.clone(),
-                                    });
-                                }
+                        if let Some(t) = load_mut(&mut dirty, &new_ids, &ids, &stored, &rt.id)? {
+                            let pk = pair_key(&t.assertion.subject, &t.assertion.predicate);
+                            by_pair.insert(index_key(&pk, r.position).as_slice(), (KIND_RETRACTED, t.position)).map_err(kerr)?;
+                            if t.retraction.is_none() {
+                                t.retraction = Some(StoredRetraction {
+                                    position: r.position,
+                                    recorded_at: r.recorded_at,
+                                    agent: rt.agent.clone(),
+                                    reason: rt.reason.clone(),
+                                    signature: rt.signature.clone(),
+                                });
                             }
                         }
                     }
                 }
             }
-            for (id, s) in &dirty {
-                let bytes = rmp_serde::to_vec_named(s).map_err(kerr)?;
-                assertions.insert(id.0.as_slice(), bytes.as_slice()).map_err(kerr)?;
+            let mut positions: Vec<&u64> = dirty.keys().collect();
+            positions.sort_unstable();
+            for p in positions {
+                let bytes = rmp_serde::to_vec_named(&dirty[p]).map_err(kerr)?;
+                stored.insert(*p, bytes.as_slice()).map_err(kerr)?;
             }
             meta.insert("checkpoint", last).map_err(kerr)?;
         }
         tx.commit().map_err(kerr)?;
         Ok(())
     }
+}
+
+/// The stored assertion `id`, loaded into `dirty` (where it will be
+/// written back from) if it is not there yet.
+fn load_mut<'a>(
+    dirty: &'a mut HashMap<u64, StoredAssertion>,
+    new_ids: &HashMap<AssertionId, u64>,
+    ids: &redb::Table<&[u8], u64>,
+    stored: &redb::Table<u64, &[u8]>,
+    id: &AssertionId,
+) -> Result<Option<&'a mut StoredAssertion>, ProjectionError> {
+    let position = match new_ids.get(id) {
+        Some(p) => *p,
+        None => match ids.get(id.0.as_slice()).map_err(kerr)? {
+            Some(v) => v.value(),
+            None => return Ok(None),
+        },
+    };
+    if !dirty.contains_key(&position) {
+        let Some(v) = stored.get(position).map_err(kerr)? else { return Ok(None) };
+        let s: StoredAssertion = rmp_serde::from_slice(v.value()).map_err(kerr)?;
+        dirty.insert(position, s);
+    }
+    Ok(dirty.get_mut(&position))
 }

@@ -91,53 +91,56 @@ impl KvStore {
         Ok(meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()).unwrap_or(0))
     }
 
-    fn load(t: &redb::ReadOnlyTable<&[u8], &[u8]>, id: &AssertionId) -> Result<Option<StoredAssertion>, ProjectionError> {
-        match t.get(id.0.as_slice()).map_err(kerr)? {
+    fn at(t: &redb::ReadOnlyTable<u64, &[u8]>, position: u64) -> Result<Option<StoredAssertion>, ProjectionError> {
+        match t.get(position).map_err(kerr)? {
             Some(v) => Ok(Some(rmp_serde::from_slice(v.value()).map_err(kerr)?)),
             None => Ok(None),
         }
     }
 
+    fn by_id(tx: &ReadTransaction, id: &AssertionId) -> Result<Option<StoredAssertion>, ProjectionError> {
+        let ids = tx.open_table(IDS).map_err(kerr)?;
+        let Some(p) = ids.get(id.0.as_slice()).map_err(kerr)?.map(|v| v.value()) else { return Ok(None) };
+        Self::at(&tx.open_table(RECORDS).map_err(kerr)?, p)
+    }
+
     /// The raw stored state of `id`.
     pub fn get_stored(&self, id: &AssertionId) -> Result<Option<StoredAssertion>, ProjectionError> {
-        let tx = self.read()?;
-        let t = tx.open_table(ASSERTIONS).map_err(kerr)?;
-        Self::load(&t, id)
+        Self::by_id(&self.read()?, id)
     }
 
     /// One assertion with its state, and the position the answer reflects.
     pub fn get(&self, id: &AssertionId) -> Result<(Option<StoredView>, u64), ProjectionError> {
         let tx = self.read()?;
-        let t = tx.open_table(ASSERTIONS).map_err(kerr)?;
-        Ok((Self::load(&t, id)?.map(|s| StoredView::new(*id, s)), Self::checkpoint_in(&tx)?))
+        Ok((Self::by_id(&tx, id)?.map(|s| StoredView::new(*id, s)), Self::checkpoint_in(&tx)?))
     }
 
     /// Assertions matching `f` in log order, and the cursor for the next page.
     pub fn list(&self, f: &ListFilter) -> Result<(Vec<StoredView>, Option<u64>), ProjectionError> {
         let tx = self.read()?;
-        let assertions = tx.open_table(ASSERTIONS).map_err(kerr)?;
+        let records = tx.open_table(RECORDS).map_err(kerr)?;
         let mut items = Vec::new();
         let mut next = None;
         // Pick the most selective index; other filters are checked per item.
-        let (table, prefix): (Option<redb::TableDefinition<&[u8], &[u8]>>, Vec<u8>) = match (&f.subject, &f.predicate, &f.agent) {
+        let (table, prefix): (Option<redb::TableDefinition<&[u8], ()>>, Vec<u8>) = match (&f.subject, &f.predicate, &f.agent) {
             (Some(_), Some(_), _) => (None, Vec::new()),
             (Some(s), None, _) => (Some(BY_SUBJECT), s.as_bytes().to_vec()),
             (None, _, Some(a)) => (Some(BY_AGENT), a.as_bytes().to_vec()),
             (None, Some(p), None) => (Some(BY_PREDICATE), p.as_bytes().to_vec()),
             (None, None, None) => (None, Vec::new()),
         };
-        let mut consider = |id: AssertionId, position: u64| -> Result<bool, ProjectionError> {
+        let mut consider = |position: u64| -> Result<bool, ProjectionError> {
             if items.len() == f.limit {
                 next = Some(items.last().map(|v: &StoredView| v.position).unwrap_or(position));
                 return Ok(false);
             }
-            if let Some(s) = Self::load(&assertions, &id)? {
+            if let Some(s) = Self::at(&records, position)? {
                 let a = &s.assertion;
                 let ok = f.subject.as_ref().is_none_or(|x| *x == a.subject)
                     && f.predicate.as_ref().is_none_or(|x| *x == a.predicate)
                     && f.agent.as_ref().is_none_or(|x| *x == a.agent);
                 if ok {
-                    items.push(StoredView::new(id, s));
+                    items.push(StoredView::new(a.id(), s));
                 }
             }
             Ok(true)
@@ -149,11 +152,10 @@ impl KvStore {
             let end = index_key(&pk, u64::MAX);
             for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
                 let (k, v) = row.map_err(kerr)?;
-                let (id, kind) = v.value();
-                if kind != KIND_ASSERTED {
+                if v.value().0 != KIND_ASSERTED {
                     continue;
                 }
-                if !consider(id_from(id)?, position_of(k.value()))? {
+                if !consider(position_of(k.value()))? {
                     break;
                 }
             }
@@ -162,8 +164,8 @@ impl KvStore {
             let start = index_key(&prefix, f.after.saturating_add(1));
             let end = index_key(&prefix, u64::MAX);
             for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
-                let (k, v) = row.map_err(kerr)?;
-                if !consider(id_from(v.value())?, position_of(k.value()))? {
+                let (k, _) = row.map_err(kerr)?;
+                if !consider(position_of(k.value()))? {
                     break;
                 }
             }
@@ -171,11 +173,10 @@ impl KvStore {
             let t = tx.open_table(LOG).map_err(kerr)?;
             for row in t.range(f.after.saturating_add(1)..).map_err(kerr)? {
                 let (k, v) = row.map_err(kerr)?;
-                let (id, kind, _) = v.value();
-                if kind != KIND_ASSERTED {
+                if v.value().1 != KIND_ASSERTED {
                     continue;
                 }
-                if !consider(id_from(id)?, k.value())? {
+                if !consider(k.value())? {
                     break;
                 }
             }
@@ -187,7 +188,7 @@ impl KvStore {
     /// recorded at or before `until_ns`, and the position the answer reflects.
     pub fn history(&self, subject: &str, predicate: &str, until_ns: Option<i64>) -> Result<(Vec<HistoryEvent>, u64), ProjectionError> {
         let tx = self.read()?;
-        let assertions = tx.open_table(ASSERTIONS).map_err(kerr)?;
+        let records = tx.open_table(RECORDS).map_err(kerr)?;
         let by_pair = tx.open_table(BY_PAIR).map_err(kerr)?;
         let pk = pair_key(subject, predicate);
         let start = index_key(&pk, 0);
@@ -196,9 +197,9 @@ impl KvStore {
         for row in by_pair.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
             let (k, v) = row.map_err(kerr)?;
             let position = position_of(k.value());
-            let (id, kind) = v.value();
-            let id = id_from(id)?;
-            let Some(s) = Self::load(&assertions, &id)? else { continue };
+            let (kind, target) = v.value();
+            let Some(s) = Self::at(&records, target)? else { continue };
+            let id = s.assertion.id();
             let recorded_at = if kind == KIND_ASSERTED {
                 s.recorded_at
             } else {
@@ -239,11 +240,6 @@ impl KvStore {
         }
         Ok(lo)
     }
-}
-
-fn id_from(b: &[u8]) -> Result<AssertionId, ProjectionError> {
-    let arr: [u8; 32] = b.try_into().map_err(|_| ProjectionError { projection: NAME, message: "stored id is not 32 bytes".into() })?;
-    Ok(AssertionId(arr))
 }
 
 fn position_of(key: &[u8]) -> u64 {

@@ -18,8 +18,9 @@ use crate::lens::{self, Claim, Conflict, Definitions, Lens, LiveSet, Resolution,
 use crate::model::{Event, LogRecord, Tier};
 
 const NAME: &str = "lenses";
-const PAIRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pairs");
-const SUMMARIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("summaries");
+/// pair key → (msgpack [`Summary`], msgpack [`LiveSet`]). One table, one
+/// insert per touched pair; a read decodes only the half it needs.
+const PAIRS: TableDefinition<&[u8], (&[u8], &[u8])> = TableDefinition::new("pairs");
 const OWNERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("owners");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text");
@@ -100,13 +101,11 @@ impl LensStore {
             let stored: Option<String> = tx.open_table(META_TEXT).map_err(e)?.get("definitions").map_err(e)?.map(|v| v.value().to_string());
             if stored.as_deref().is_some_and(|h| h != defs.hash) {
                 tracing::warn!(stored = stored.as_deref().unwrap_or(""), current = %defs.hash, "lens definitions changed; rebuilding the lenses projection from the log");
-                for t in [PAIRS, SUMMARIES, OWNERS] {
-                    tx.delete_table(t).map_err(e)?;
-                }
+                tx.delete_table(PAIRS).map_err(e)?;
+                tx.delete_table(OWNERS).map_err(e)?;
                 tx.delete_table(META).map_err(e)?;
             }
             tx.open_table(PAIRS).map_err(e)?;
-            tx.open_table(SUMMARIES).map_err(e)?;
             tx.open_table(OWNERS).map_err(e)?;
             tx.open_table(META).map_err(e)?;
             tx.open_table(META_TEXT).map_err(e)?.insert("definitions", defs.hash.as_str()).map_err(e)?;
@@ -124,9 +123,9 @@ impl LensStore {
     /// position it reflects.
     pub fn summary(&self, subject: &str, predicate: &str) -> Result<(Summary, u64), ProjectionError> {
         let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(SUMMARIES).map_err(e)?;
+        let t = tx.open_table(PAIRS).map_err(e)?;
         let s = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
-            Some(v) => rmp_serde::from_slice(v.value()).map_err(e)?,
+            Some(v) => rmp_serde::from_slice(v.value().0).map_err(e)?,
             None => Summary::empty(),
         };
         Ok((s, checkpoint_in(&tx)?))
@@ -137,7 +136,7 @@ impl LensStore {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(PAIRS).map_err(e)?;
         let s = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
-            Some(v) => rmp_serde::from_slice(v.value()).map_err(e)?,
+            Some(v) => rmp_serde::from_slice(v.value().1).map_err(e)?,
             None => LiveSet::default(),
         };
         Ok((s, checkpoint_in(&tx)?))
@@ -146,7 +145,7 @@ impl LensStore {
     /// Every predicate of `subject` with its summary, and the position.
     pub fn subject(&self, subject: &str) -> Result<(Vec<(String, Summary)>, u64), ProjectionError> {
         let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(SUMMARIES).map_err(e)?;
+        let t = tx.open_table(PAIRS).map_err(e)?;
         let mut start = subject.as_bytes().to_vec();
         start.push(0);
         let mut end = subject.as_bytes().to_vec();
@@ -155,7 +154,7 @@ impl LensStore {
         for row in t.range(start.as_slice()..end.as_slice()).map_err(e)? {
             let (k, v) = row.map_err(e)?;
             let Some((_, p)) = split_pair_key(k.value()) else { continue };
-            out.push((p.to_string(), rmp_serde::from_slice(v.value()).map_err(e)?));
+            out.push((p.to_string(), rmp_serde::from_slice(v.value().0).map_err(e)?));
         }
         Ok((out, checkpoint_in(&tx)?))
     }
@@ -182,7 +181,6 @@ impl Projection for LensStore {
         tx.set_durability(if self.durability.due() { Durability::Immediate } else { Durability::None }).map_err(e)?;
         {
             let mut pairs = tx.open_table(PAIRS).map_err(e)?;
-            let mut summaries = tx.open_table(SUMMARIES).map_err(e)?;
             let mut owners = tx.open_table(OWNERS).map_err(e)?;
             let mut meta = tx.open_table(META).map_err(e)?;
             if let Some(cp) = meta.get("checkpoint").map_err(e)?.map(|v| v.value()) {
@@ -201,7 +199,7 @@ impl Projection for LensStore {
                 };
                 if !touched.contains_key(&pk) {
                     let set = match pairs.get(pk.as_slice()).map_err(e)? {
-                        Some(v) => rmp_serde::from_slice(v.value()).map_err(e)?,
+                        Some(v) => rmp_serde::from_slice(v.value().1).map_err(e)?,
                         None => LiveSet::default(),
                     };
                     touched.insert(pk.clone(), set);
@@ -217,10 +215,13 @@ impl Projection for LensStore {
                     }
                 }
             }
-            for (pk, set) in &touched {
-                let summary = Summary::of(set, &self.defs);
-                pairs.insert(pk.as_slice(), rmp_serde::to_vec_named(set).map_err(e)?.as_slice()).map_err(e)?;
-                summaries.insert(pk.as_slice(), rmp_serde::to_vec_named(&summary).map_err(e)?.as_slice()).map_err(e)?;
+            let mut keys: Vec<&Vec<u8>> = touched.keys().collect();
+            keys.sort_unstable();
+            for pk in keys {
+                let set = &touched[pk];
+                let summary = rmp_serde::to_vec_named(&Summary::of(set, &self.defs)).map_err(e)?;
+                let live = rmp_serde::to_vec_named(set).map_err(e)?;
+                pairs.insert(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
             }
             meta.insert("checkpoint", last).map_err(e)?;
         }
