@@ -88,7 +88,11 @@ pub async fn load(client: &reqwest::Client, args: &QueryArgs) -> anyhow::Result<
         last = last.max(t.await??);
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("loaded {} assertions in {pairs} pairs in {secs:.1}s ({:.0}/s); last position {last}", pairs * args.per_pair, (pairs * args.per_pair) as f64 / secs);
+    println!(
+        "loaded {} assertions in {pairs} pairs in {secs:.1}s ({:.0}/s); last position {last}",
+        pairs * args.per_pair,
+        (pairs * args.per_pair) as f64 / secs
+    );
     Ok(last)
 }
 
@@ -101,7 +105,10 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<i32> {
         // Wait until the lenses projection has applied the whole load.
         let t = Instant::now();
         loop {
-            let r = client.get(format!("{}/v1/lenses/consensus?subject=x&predicate=y&min_position={last}&wait_ms=10000", args.url)).send().await?;
+            let r = client
+                .get(format!("{}/v1/lenses/consensus?subject=x&predicate=y&min_position={last}&wait_ms=10000", args.url))
+                .send()
+                .await?;
             if r.status().is_success() {
                 break;
             }
@@ -148,6 +155,13 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<i32> {
         errors += e;
         hist.add(&h)?;
     }
-    report::print(&format!("query c={} pairs={pairs}", args.connections), ops, ops - errors, errors, started.elapsed().as_secs_f64(), &hist);
+    report::print(
+        &format!("query c={} pairs={pairs}", args.connections),
+        ops,
+        ops - errors,
+        errors,
+        started.elapsed().as_secs_f64(),
+        &hist,
+    );
     Ok(if errors > 0 { 1 } else { 0 })
 }
