@@ -32,12 +32,12 @@ fn name_env_var(cmd: &mut clap::Command, e: clap::Error) -> clap::Error {
     let mut found = None;
     let mut visit = |c: &clap::Command| {
         for a in c.get_arguments() {
-            if let (Some(long), Some(env)) = (a.get_long(), a.get_env()) {
-                if arg.starts_with(&format!("--{long} ")) || arg == format!("--{long}") {
-                    let env = env.to_string_lossy().into_owned();
-                    if std::env::var_os(&env).is_some() {
-                        found = Some(env);
-                    }
+            if let (Some(long), Some(env)) = (a.get_long(), a.get_env())
+                && (arg.starts_with(&format!("--{long} ")) || arg == format!("--{long}"))
+            {
+                let env = env.to_string_lossy().into_owned();
+                if std::env::var_os(&env).is_some() {
+                    found = Some(env);
                 }
             }
         }

@@ -42,7 +42,7 @@ fn pair_subject(tag: &str, i: u64) -> String {
 /// Assertion `k` of pair `i`: even pairs are unanimous (one value), odd
 /// pairs contested (three values).
 fn assertion(tag: &str, i: u64, k: u64, rng: &mut rand::rngs::SmallRng) -> Value {
-    let value = if i % 2 == 0 { 1000 } else { 1000 + (k % 3) as i64 };
+    let value = if i.is_multiple_of(2) { 1000 } else { 1000 + (k % 3) as i64 };
     json!({
         "subject": pair_subject(tag, i),
         "predicate": "max_daily_dose_mg",

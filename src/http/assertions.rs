@@ -158,7 +158,7 @@ pub async fn retract(State(st): State<AppState>, Path(id): Path<String>, headers
         Problem::new(StatusCode::NOT_FOUND, "not-found", "No such assertion", format!("{id:?} is not an assertion id: {e}"))
     })?;
     let v = super::body::read_json(&headers, body, MAX_SINGLE_BYTES).await?;
-    let r = parse_retraction(id, &v).map_err(|errs| {
+    let r = parse_retraction(id, &v, st.parse_options).map_err(|errs| {
         let detail = errs.iter().map(|e| format!("{}: {}", e.field, e.reason)).collect::<Vec<_>>().join("; ");
         invalid(detail, field_errors(None, &errs))
     })?;
@@ -176,7 +176,7 @@ pub async fn retract(State(st): State<AppState>, Path(id): Path<String>, headers
     })
 }
 
-fn parse_retraction(id: AssertionId, v: &Value) -> Result<Retraction, Vec<FieldError>> {
+fn parse_retraction(id: AssertionId, v: &Value, opts: parse::ParseOptions) -> Result<Retraction, Vec<FieldError>> {
     let fe = |f: &str, r: &str| FieldError { field: f.into(), reason: r.into() };
     let Some(map) = v.as_object() else { return Err(vec![fe("", "a retraction is a JSON object")]) };
     let mut errs = Vec::new();
@@ -187,6 +187,7 @@ fn parse_retraction(id: AssertionId, v: &Value) -> Result<Retraction, Vec<FieldE
     }
     let agent = match map.get("agent").and_then(Value::as_str) {
         Some(a) => match parse::check_name(a, MAX_AGENT_BYTES) {
+            Ok(()) if a.len() == 64 && a.bytes().all(|b| b.is_ascii_hexdigit()) => Some(a.to_ascii_lowercase()),
             Ok(()) => Some(a.to_string()),
             Err(e) => {
                 errs.push(fe("agent", &e));
@@ -215,6 +216,9 @@ fn parse_retraction(id: AssertionId, v: &Value) -> Result<Retraction, Vec<FieldE
         }
     };
     let Some(agent) = agent else { return Err(errs) };
+    if opts.require_signatures && signature.is_none() {
+        errs.push(fe("signature", "this server requires signatures: sign BLAKE3(\"stemedb/retraction/v1\" ‖ id) with the agent's key"));
+    }
     if !errs.is_empty() {
         return Err(errs);
     }

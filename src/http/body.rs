@@ -10,10 +10,10 @@ use super::problem::Problem;
 /// Reads and parses a JSON body of at most `limit` bytes.
 pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, Problem> {
     check_content_type(headers)?;
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
-        if len > limit as u64 {
-            return Err(too_large(limit));
-        }
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large(limit));
     }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,

@@ -8,13 +8,19 @@ use serde_json::json;
 
 use super::AppState;
 
-/// `GET /v1/health`: the process is up and the log is writable.
-pub async fn health(State(st): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({
-        "status": "healthy",
-        "version": env!("CARGO_PKG_VERSION"),
-        "position": st.ingest.committed_position(),
-    }))
+/// `GET /v1/health`: the process is up and the log is writable. After a
+/// failed write or fsync the writer refuses work until a restart, and
+/// health says so with a 503.
+pub async fn health(State(st): State<AppState>) -> Response {
+    let body = |status: &str| json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "position": st.ingest.committed_position()});
+    match st.ingest.failure() {
+        None => Json(body("healthy")).into_response(),
+        Some(why) => {
+            let mut b = body("unhealthy");
+            b["reason"] = json!(why);
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(b)).into_response()
+        }
+    }
 }
 
 /// `GET /v1/ready`: 200 when every projection is within the configured lag

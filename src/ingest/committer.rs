@@ -128,6 +128,7 @@ enum Msg {
 pub struct Ingest {
     tx: mpsc::Sender<Msg>,
     committed: Arc<AtomicU64>,
+    failure: Arc<std::sync::OnceLock<String>>,
     notify: async_broadcast::InactiveReceiver<u64>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
@@ -151,9 +152,12 @@ impl Ingest {
         btx.set_await_active(false);
         let (tx, rx) = mpsc::channel(opts.queue_depth);
         let c = committed.clone();
+        let failure = Arc::new(std::sync::OnceLock::new());
+        let f = failure.clone();
         let max_group = opts.max_group_events;
-        let thread = std::thread::Builder::new().name("wal-committer".into()).spawn(move || run(writer, index, rx, c, btx, max_group))?;
-        Ok(Ingest { tx, committed, notify: brx.deactivate(), thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
+        let thread =
+            std::thread::Builder::new().name("wal-committer".into()).spawn(move || run(writer, index, rx, c, btx, max_group, f))?;
+        Ok(Ingest { tx, committed, failure, notify: brx.deactivate(), thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
     }
 
     /// Appends `items` as one atomic frame, after the write-time checks,
@@ -162,6 +166,11 @@ impl Ingest {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Msg::Job(Job { items, reply })).await.map_err(|_| IngestError::Unavailable("shutting down".into()))?;
         rx.await.map_err(|_| IngestError::Unavailable("the committer stopped".into()))?
+    }
+
+    /// Why the log stopped accepting writes, if it did (health reports it).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 
     /// The highest durable position.
@@ -260,6 +269,7 @@ fn run(
     committed: Arc<AtomicU64>,
     notify: async_broadcast::Sender<u64>,
     max_group: usize,
+    failure: Arc<std::sync::OnceLock<String>>,
 ) {
     let mut pending: Vec<(Job, Result<Committed, IngestError>)> = Vec::new();
     let mut stopping = false;
@@ -344,6 +354,7 @@ fn run(
                 }
             }
             Err(e) => {
+                let _ = failure.set(e.to_string());
                 for (job, result) in pending.drain(..) {
                     let r = match result {
                         Err(IngestError::Rejected(v)) => Err(IngestError::Rejected(v)),

@@ -118,6 +118,16 @@ impl Weighting {
     }
 }
 
+/// Weights are sums of products of decimals, so values equal in exact
+/// arithmetic can differ in their last bits (in f64, 0.4 + 0.2 > 0.6 and
+/// 0.9 / (0.9 + 0.2 + 0.1) < 0.75). Weights and shares are compared rounded
+/// to this quantum, so such values tie and the 0.75 threshold holds.
+const QUANTUM: f64 = 1e-9;
+
+fn quantized(x: f64) -> i64 {
+    (x / QUANTUM).round() as i64
+}
+
 fn weight(e: &Entry, defs: &Definitions, w: Weighting) -> f64 {
     let base = e.confidence * defs.weight(e.tier);
     if !w.decay {
@@ -206,7 +216,7 @@ fn consensus(set: &LiveSet, entries: &[&Entry], defs: &Definitions, w: Weighting
         }
     }
     let total: f64 = accs.iter().map(|a| a.weight).sum();
-    accs.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(b.newest.cmp(&a.newest)));
+    accs.sort_by(|a, b| quantized(b.weight).cmp(&quantized(a.weight)).then(b.newest.cmp(&a.newest)));
     let claims: Vec<Claim> = accs
         .into_iter()
         .map(|a| Claim {
@@ -228,7 +238,7 @@ pub fn conflict(claims: &[Claim]) -> Conflict {
     let status = match k {
         0 => "empty",
         1 => "unanimous",
-        _ if claims.iter().map(|c| c.share).fold(0.0, f64::max) >= 0.75 => "agreed",
+        _ if quantized(claims.iter().map(|c| c.share).fold(0.0, f64::max)) >= quantized(0.75) => "agreed",
         _ => "contested",
     };
     let score = if k <= 1 {

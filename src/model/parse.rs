@@ -99,13 +99,10 @@ pub fn parse_assertion(v: &Value, opts: ParseOptions) -> Result<(AssertionId, As
     let supersedes = present(map, "supersedes").map(|s| parse_supersedes(s, &mut errs)).unwrap_or_default();
 
     if opts.require_signatures {
-        if let Some(a) = &agent {
-            if signature::agent_key(a).is_none() {
-                errs.push(FieldError::new(
-                    "agent",
-                    "this server requires signatures: the agent must be a 64-hex-character ed25519 public key",
-                ));
-            }
+        if let Some(a) = &agent
+            && signature::agent_key(a).is_none()
+        {
+            errs.push(FieldError::new("agent", "this server requires signatures: the agent must be a 64-hex-character ed25519 public key"));
         }
         if signature.is_none() && !errs.iter().any(|e| e.field == "signature") {
             errs.push(FieldError::new(
@@ -123,10 +120,10 @@ pub fn parse_assertion(v: &Value, opts: ParseOptions) -> Result<(AssertionId, As
     }
     let assertion = Assertion { subject, predicate, object, confidence, agent, signature, source, valid_time, supersedes };
     let id = assertion.id();
-    if let Some(sig) = &assertion.signature {
-        if let Err(e) = signature::verify(&assertion.agent, id.as_bytes(), sig) {
-            return Err(vec![FieldError::new(if e == SignatureError::AgentNotAKey { "agent" } else { "signature" }, e.to_string())]);
-        }
+    if let Some(sig) = &assertion.signature
+        && let Err(e) = signature::verify(&assertion.agent, id.as_bytes(), sig)
+    {
+        return Err(vec![FieldError::new(if e == SignatureError::AgentNotAKey { "agent" } else { "signature" }, e.to_string())]);
     }
     Ok((id, assertion))
 }
@@ -157,6 +154,8 @@ fn required_name(map: &Map<String, Value>, key: &str, max: usize, errs: &mut Vec
             None
         }
         Some(Value::String(s)) => match check_name(s, max) {
+            // A public key is one agent whatever the case of its hex.
+            Ok(()) if key == "agent" && s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => Some(s.to_ascii_lowercase()),
             Ok(()) => Some(s.clone()),
             Err(e) => {
                 errs.push(FieldError::new(key, e));
@@ -206,7 +205,8 @@ fn parse_object(v: &Value, errs: &mut Vec<FieldError>) -> Option<Object> {
                 None
             }
         },
-        Some("integer") => match value.as_i64() {
+        // serde_json reads `-0` as a float; it is still the integer 0.
+        Some("integer") => match value.as_i64().or_else(|| (value.as_f64() == Some(0.0) && value.is_f64()).then_some(0)) {
             Some(i) => Some(Object::Integer(i)),
             None => {
                 errs.push(bad("an integer value is a JSON integer from -2^63 to 2^63-1"));
@@ -302,7 +302,7 @@ fn parse_supersedes(v: &Value, errs: &mut Vec<FieldError>) -> Vec<AssertionId> {
     }
     let mut ids = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        match item.as_str().map(str::parse::<AssertionId>) {
+        match item.as_str().map(|s| s.to_ascii_lowercase().parse::<AssertionId>()) {
             Some(Ok(id)) => ids.push(id),
             _ => errs.push(FieldError::new(format!("supersedes.{i}"), "an assertion id is 64 lowercase hex characters")),
         }

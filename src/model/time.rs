@@ -7,11 +7,19 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-/// Parses an RFC 3339 timestamp with any offset into UTC.
+/// Parses an RFC 3339 timestamp with any offset into UTC. The instant must
+/// fall in the years 0000–9999 *in UTC*, because only those have an RFC
+/// 3339 normal form that parses back to the same instant (an offset can
+/// push `0000-01-01T00:00:00+01:00` into year −1).
 pub fn parse(s: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(s)
+    use chrono::Datelike;
+    let t = DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("not an RFC 3339 timestamp ({e}); example: 2026-01-31T12:00:00Z"))
+        .map_err(|e| format!("not an RFC 3339 timestamp ({e}); example: 2026-01-31T12:00:00Z"))?;
+    if !(0..=9999).contains(&t.year()) {
+        return Err(format!("{s} is outside the years 0000-9999 once converted to UTC"));
+    }
+    Ok(t)
 }
 
 /// The normal form: UTC, `Z`, and a fraction of 0, 3, 6 or 9 digits

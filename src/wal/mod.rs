@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod lock;
 pub mod reader;
 pub mod recovery;
 pub mod segment;

@@ -26,6 +26,9 @@ pub struct WalReader {
     /// Position of the first record of the next frame to read.
     frame_position: u64,
     until: u64,
+    /// Set when the current segment ended where no segment starts but a
+    /// later one exists; cleared by the next frame read.
+    rechecked: bool,
 }
 
 impl WalReader {
@@ -41,6 +44,7 @@ impl WalReader {
             next_position: from,
             frame_position: seg.first_position,
             until: u64::MAX,
+            rechecked: false,
         };
         r.open_segment(seg)?;
         Ok(r)
@@ -95,6 +99,7 @@ impl WalReader {
                         });
                     }
                     self.frame_position = f.header.next_position();
+                    self.rechecked = false;
                     if self.frame_position <= self.next_position {
                         continue; // wholly before the start: skip undecoded
                     }
@@ -106,11 +111,25 @@ impl WalReader {
                     self.pending.extend(records);
                 }
                 Err(ScanStop::Clean) => {
+                    // An empty segment ends where it starts: the file named
+                    // after `frame_position` is then this one, not a next one.
+                    let empty = seg.first_position == self.frame_position;
                     let next = self.dir.join(segment::file_name(self.frame_position));
-                    if next.exists() {
+                    if !empty && next.exists() {
                         self.open_segment(SegmentFile { first_position: self.frame_position, path: next })?;
-                    } else {
-                        return Ok(None);
+                        continue;
+                    }
+                    // No segment starts here. If a later one exists, this
+                    // segment was complete before that one was created, so
+                    // one more read sees all of it; if it still ends here,
+                    // positions are missing and must not be skipped silently.
+                    let later = segment::list(&self.dir)?.into_iter().find(|s| s.first_position > self.frame_position);
+                    match later {
+                        None => return Ok(None),
+                        Some(_) if !self.rechecked => self.rechecked = true,
+                        Some(s) => {
+                            return Err(WalError::Gap { path: s.path, offset: 0, expected: self.frame_position, found: s.first_position });
+                        }
                     }
                 }
                 Err(ScanStop::Bad { offset, reason }) => {

@@ -54,10 +54,10 @@ pub fn scan_segment(seg: &SegmentFile, expected_first: Option<u64>, decode: bool
             reason: format!("header says first position {}, file name says {}", header.first_position, seg.first_position),
         });
     }
-    if let Some(expected) = expected_first {
-        if header.first_position != expected {
-            return Err(WalError::Gap { path: path.clone(), offset: 0, expected, found: header.first_position });
-        }
+    if let Some(expected) = expected_first
+        && header.first_position != expected
+    {
+        return Err(WalError::Gap { path: path.clone(), offset: 0, expected, found: header.first_position });
     }
     let mut scanner = FrameScanner::new(r, segment::HEADER_LEN);
     let mut next = header.first_position;
@@ -68,10 +68,9 @@ pub fn scan_segment(seg: &SegmentFile, expected_first: Option<u64>, decode: bool
             Err(stop) => break stop,
             Ok(f) => {
                 if f.header.first_position != next {
-                    break ScanStop::Bad {
-                        offset: f.offset,
-                        reason: format!("frame starts at position {}, expected {next}", f.header.first_position),
-                    };
+                    // The checksum is valid, so this is no torn write: a
+                    // frame out of sequence is corruption, wherever it is.
+                    return Err(WalError::Gap { path: path.clone(), offset: f.offset, expected: next, found: f.header.first_position });
                 }
                 if decode {
                     let records = frame::decode_payload(&f.payload).map_err(|reason| WalError::Corrupt {
@@ -145,14 +144,8 @@ pub fn recover(dir: &Path) -> Result<Recovered, WalError> {
     for (i, seg) in segments.iter().enumerate() {
         let is_last = i + 1 == segments.len();
         let scan = scan_segment(seg, expected, false)?;
-        if !is_last {
-            if let ScanStop::Bad { offset, reason } = &scan.stop {
-                return Err(WalError::Corrupt {
-                    path: seg.path.clone(),
-                    offset: *offset,
-                    reason: format!("{reason} (in a sealed segment)"),
-                });
-            }
+        if !is_last && let ScanStop::Bad { offset, reason } = &scan.stop {
+            return Err(WalError::Corrupt { path: seg.path.clone(), offset: *offset, reason: format!("{reason} (in a sealed segment)") });
         }
         expected = Some(scan.next_position);
         last_scan = Some(scan);

@@ -87,7 +87,8 @@ pub fn list(dir: &Path) -> Result<Vec<SegmentFile>, WalError> {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         let Some(stem) = name.strip_suffix(&format!(".{EXT}")) else { continue };
-        let first_position = stem.parse::<u64>().map_err(|_| WalError::Corrupt {
+        let well_formed = stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit());
+        let first_position = stem.parse::<u64>().ok().filter(|_| well_formed).ok_or(()).map_err(|_| WalError::Corrupt {
             path: entry.path(),
             offset: 0,
             reason: "segment file name is not a zero-padded position".into(),

@@ -64,11 +64,14 @@ pub struct WalWriter {
     /// cache can no longer be trusted (the "fsyncgate" lesson), so the
     /// writer refuses all further work until a restart re-runs recovery.
     poisoned: Option<String>,
+    /// Held for the writer's lifetime: one writer per directory.
+    _lock: super::lock::DirLock,
 }
 
 impl WalWriter {
     /// Recovers `dir` and opens its last segment for appending.
     pub fn open(dir: &Path, opts: WriterOptions) -> Result<(WalWriter, Recovered), WalError> {
+        let lock = super::lock::DirLock::acquire(dir)?;
         let rec = recovery::recover(dir)?;
         let mut file = OpenOptions::new().write(true).open(&rec.active.path).map_err(|e| WalError::io(&rec.active.path, e))?;
         file.seek(SeekFrom::Start(rec.active_len)).map_err(|e| WalError::io(&rec.active.path, e))?;
@@ -84,6 +87,7 @@ impl WalWriter {
             last_recorded_at: rec.last_recorded_at,
             last_sync: None,
             poisoned: None,
+            _lock: lock,
         };
         Ok((w, rec))
     }

@@ -36,10 +36,10 @@ impl Projection for KvStore {
             let mut by_predicate = tx.open_table(BY_PREDICATE).map_err(kerr)?;
             let mut by_agent = tx.open_table(BY_AGENT).map_err(kerr)?;
             let mut meta = tx.open_table(META).map_err(kerr)?;
-            if let Some(cp) = meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()) {
-                if records[0].position != cp + 1 {
-                    return Err(kerr(format!("batch starts at {} but the checkpoint is {cp}", records[0].position)));
-                }
+            if let Some(cp) = meta.get("checkpoint").map_err(kerr)?.map(|v| v.value())
+                && records[0].position != cp + 1
+            {
+                return Err(kerr(format!("batch starts at {} but the checkpoint is {cp}", records[0].position)));
             }
             // Assertions created or modified in this batch, by position,
             // written once at the end; and the ids this batch created.
@@ -120,10 +120,12 @@ fn load_mut<'a>(
             None => return Ok(None),
         },
     };
-    if !dirty.contains_key(&position) {
-        let Some(v) = stored.get(position).map_err(kerr)? else { return Ok(None) };
-        let s: StoredAssertion = rmp_serde::from_slice(v.value()).map_err(kerr)?;
-        dirty.insert(position, s);
+    match dirty.entry(position) {
+        std::collections::hash_map::Entry::Occupied(e) => Ok(Some(e.into_mut())),
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            let Some(v) = stored.get(position).map_err(kerr)? else { return Ok(None) };
+            let s: StoredAssertion = rmp_serde::from_slice(v.value()).map_err(kerr)?;
+            Ok(Some(slot.insert(s)))
+        }
     }
-    Ok(dirty.get_mut(&position))
 }

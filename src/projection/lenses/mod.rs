@@ -183,10 +183,10 @@ impl Projection for LensStore {
             let mut pairs = tx.open_table(PAIRS).map_err(e)?;
             let mut owners = tx.open_table(OWNERS).map_err(e)?;
             let mut meta = tx.open_table(META).map_err(e)?;
-            if let Some(cp) = meta.get("checkpoint").map_err(e)?.map(|v| v.value()) {
-                if records[0].position != cp + 1 {
-                    return Err(e(format!("batch starts at {} but the checkpoint is {cp}", records[0].position)));
-                }
+            if let Some(cp) = meta.get("checkpoint").map_err(e)?.map(|v| v.value())
+                && records[0].position != cp + 1
+            {
+                return Err(e(format!("batch starts at {} but the checkpoint is {cp}", records[0].position)));
             }
             let mut touched: HashMap<Vec<u8>, LiveSet> = HashMap::new();
             for r in records {
