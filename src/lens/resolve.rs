@@ -245,7 +245,10 @@ pub fn conflict(claims: &[Claim]) -> Conflict {
         0.0
     } else {
         let h: f64 = claims.iter().filter(|c| c.share > 0.0).map(|c| -c.share * c.share.ln()).sum();
-        h / (k as f64).ln()
+        // Rounding can land a hair above 1 (two equal shares of 0.4999…),
+        // and one share of 1 gives -0.0; the measure is in [0, 1].
+        let s = h / (k as f64).ln();
+        if s > 0.0 { s.min(1.0) } else { 0.0 }
     };
     Conflict { score, status: status.to_string() }
 }
