@@ -37,8 +37,8 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(10)).sample_size(10).throughput(Throughput::Elements(BATCH));
     let dir = tempfile::tempdir().expect("tempdir");
     let stores: Vec<(&str, Box<dyn Projection>)> = vec![
-        ("kv", Box::new(KvStore::open(&dir.path().join("kv")).expect("kv"))),
-        ("lenses", Box::new(LensStore::open(&dir.path().join("lenses"), Definitions::default()).expect("lenses"))),
+        ("kv", Box::new(KvStore::open(&dir.path().join("kv.redb")).expect("kv"))),
+        ("lenses", Box::new(LensStore::open(&dir.path().join("lenses.redb"), Definitions::default()).expect("lenses"))),
     ];
     for (name, store) in stores {
         let mut next = 1u64;

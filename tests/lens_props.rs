@@ -492,7 +492,7 @@ proptest! {
         let records = build_log(&ops);
         let defs = Definitions::default();
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = LensStore::open(dir.path(), defs.clone()).expect("open lens store");
+        let store = LensStore::open(&dir.path().join("lenses.redb"), defs.clone()).expect("open lens store");
         let sizes = if single_batch { Vec::new() } else { sizes };
         for b in batches(&records, &sizes) {
             store.apply(b).expect("apply");
@@ -576,7 +576,7 @@ proptest! {
     ) {
         let records = build_log(&ops);
         let dir = tempfile::tempdir().expect("tempdir");
-        let kv = KvStore::open(dir.path()).expect("open kv store");
+        let kv = KvStore::open(&dir.path().join("kv.redb")).expect("open kv store");
         for b in batches(&records, &sizes) {
             kv.apply(b).expect("apply");
         }

@@ -27,6 +27,9 @@ pub struct QueryArgs {
     /// Assertions per pair (so pairs = assertions / this).
     #[arg(long, default_value_t = 10)]
     pub per_pair: u64,
+    /// Pairs to query when the dataset is already loaded (`--assertions 0`).
+    #[arg(long, default_value_t = 100_000)]
+    pub pairs: u64,
     /// Tag that makes subjects of this run distinct from earlier runs.
     #[arg(long, default_value = "q")]
     pub tag: String,
@@ -99,7 +102,7 @@ pub async fn load(client: &reqwest::Client, args: &QueryArgs) -> anyhow::Result<
 /// Runs the benchmark.
 pub async fn run(args: QueryArgs) -> anyhow::Result<i32> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections.max(8)).tcp_nodelay(true).build()?;
-    let pairs = (args.assertions / args.per_pair.max(1)).max(1);
+    let pairs = if args.assertions == 0 { args.pairs.max(1) } else { (args.assertions / args.per_pair.max(1)).max(1) };
     if args.assertions > 0 {
         let last = load(&client, &args).await?;
         // Wait until the lenses projection has applied the whole load.

@@ -9,6 +9,13 @@ use super::query::Params;
 
 /// Waits as `params` ask (if they do) for the named projections.
 pub async fn wait(st: &AppState, params: &Params, projections: &[&str]) -> Result<(), Problem> {
+    for name in projections {
+        if let Some(why) = st.read.stale(name) {
+            return Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "stale-projection", "Projection needs a rebuild", why)
+                .with("projection", *name)
+                .retry_after(30));
+        }
+    }
     let Some((position, timeout)) = params.consistency()? else { return Ok(()) };
     let head = st.ingest.committed_position();
     if position > head {

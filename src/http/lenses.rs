@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::consistency;
-use super::kv::blocking;
+use super::kv::{blocking, point};
 use super::problem::Problem;
 use super::query::Params;
 use crate::lens::{self, Lens, LiveSet, Resolution, Weighting};
@@ -47,7 +47,9 @@ pub async fn query(State(st): State<AppState>, Path(name): Path<String>, RawQuer
     let predicate = params.required("predicate")?.to_string();
     let as_of = params.time("as_of")?;
     let decay = params.bool("decay")?.unwrap_or(false);
-    let needs = if as_of.is_some() { ["kv", "lenses"].as_slice() } else { ["lenses"].as_slice() };
+    // as_of replays the KV history with the current definitions, so it does
+    // not depend on the (possibly stale) materialized lenses.
+    let needs = if as_of.is_some() { ["kv"].as_slice() } else { ["lenses"].as_slice() };
     consistency::wait(&st, &params, needs).await?;
     let (resolution, position) = resolve(&st, lens, &subject, &predicate, as_of, decay).await?;
     let mut body = Map::new();
@@ -70,10 +72,10 @@ async fn resolve(
     decay: bool,
 ) -> Result<(Resolution, u64), Problem> {
     let (s, p) = (subject.to_string(), predicate.to_string());
-    let defs = st.read.lenses.definitions().clone();
+    let defs = st.read.lenses.load().definitions().clone();
     match as_of {
         Some(t) => {
-            let kv = st.read.kv.clone();
+            let kv = st.read.kv.load();
             let t_ns = t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 { i64::MIN } else { i64::MAX });
             blocking(move || {
                 let (events, _) = kv.history(&s, &p, Some(t_ns))?;
@@ -92,7 +94,7 @@ async fn resolve(
             .await
         }
         None if decay => {
-            let store = st.read.lenses.clone();
+            let store = st.read.lenses.load();
             blocking(move || {
                 let (set, position) = store.live_set(&s, &p)?;
                 Ok((lens::resolve(lens, &set, &defs, Weighting { decay: true, reference: Utc::now() }), position))
@@ -100,12 +102,11 @@ async fn resolve(
             .await
         }
         None => {
-            let store = st.read.lenses.clone();
-            blocking(move || {
+            let store = st.read.lenses.load();
+            point(move || {
                 let (summary, position) = store.summary(&s, &p)?;
                 Ok((summary.resolution(lens), position))
             })
-            .await
         }
     }
 }
@@ -116,7 +117,7 @@ pub async fn subject(State(st): State<AppState>, Path(subject): Path<String>, Ra
     let name = params.str("lens").unwrap_or("consensus");
     let lens = Lens::parse(name).ok_or_else(|| unknown_lens(name))?;
     consistency::wait(&st, &params, &["lenses"]).await?;
-    let store = st.read.lenses.clone();
+    let store = st.read.lenses.load();
     let s = subject.clone();
     let (rows, position) = blocking(move || store.subject(&s)).await?;
     let predicates: Map<String, Value> =

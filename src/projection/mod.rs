@@ -14,6 +14,7 @@
 pub mod kv;
 pub mod lenses;
 pub mod read_side;
+pub mod slot;
 pub mod worker;
 
 use crate::model::LogRecord;
@@ -30,15 +31,30 @@ pub struct ProjectionError {
 
 /// What the worker needs from a projection store.
 pub trait Projection: Send + Sync + 'static {
-    /// Stable name: metric label, directory name, API name.
+    /// Stable name: metric label, file name, API name.
     fn name(&self) -> &'static str;
 
-    /// The last applied position (0 when empty).
+    /// The last position whose effects are visible to readers and will
+    /// survive a restart's catch-up (0 when empty).
     fn checkpoint(&self) -> Result<u64, ProjectionError>;
 
-    /// Applies `records` (consecutive, starting right after the checkpoint)
-    /// and moves the checkpoint to the last one, in one transaction.
-    fn apply(&self, records: &[LogRecord]) -> Result<(), ProjectionError>;
+    /// Applies `records` (consecutive, starting right after the last
+    /// applied one) and returns the position now visible to readers. A
+    /// transactional store commits them with the checkpoint and returns the
+    /// last position; a store that commits on a cadence (search) may return
+    /// an older one.
+    fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError>;
+
+    /// Makes everything applied so far visible and durable; returns the
+    /// visible position. Called when the worker goes idle, at a rebuild's
+    /// hand-over and at shutdown.
+    fn flush(&self) -> Result<u64, ProjectionError>;
+
+    /// If set, the worker calls [`flush`](Self::flush) after this long
+    /// without new events, so deferred commits become visible.
+    fn idle_flush(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The key of a `(subject, predicate)` pair in projection tables:
@@ -86,4 +102,12 @@ impl DurableEvery {
             false
         }
     }
+}
+
+/// A durable, empty commit: makes every earlier non-durable redb commit
+/// durable (redb persists them only with the next durable one).
+pub(crate) fn flush_redb(db: &redb::Database, err: fn(String) -> ProjectionError) -> Result<(), ProjectionError> {
+    let mut tx = db.begin_write().map_err(|x| err(x.to_string()))?;
+    tx.set_durability(redb::Durability::Immediate).map_err(|x| err(x.to_string()))?;
+    tx.commit().map_err(|x| err(x.to_string()))
 }

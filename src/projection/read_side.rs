@@ -1,4 +1,4 @@
-//! The running read side: the projection stores, their workers, and the
+//! The running read side: the projection slots, their workers, and the
 //! waits that give clients read-your-writes.
 
 use std::path::Path;
@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::kv::KvStore;
 use super::lenses::LensStore;
-use super::worker::{DEFAULT_BATCH, Worker};
+use super::slot::Slot;
+use super::worker::{DEFAULT_BATCH, LogFeed, Worker};
 use super::{Projection, ProjectionError};
 use crate::ingest::Ingest;
 use crate::lens::Definitions;
@@ -17,53 +18,111 @@ use crate::lens::Definitions;
 pub struct ProjectionStatus {
     /// Name.
     pub name: &'static str,
-    /// Last applied position.
+    /// Last visible position.
     pub position: u64,
     /// Whether its last apply failed.
     pub failing: bool,
+    /// Why it is not served, if it is not (definitions changed).
+    pub stale: Option<String>,
+}
+
+/// Names of every projection, in start order.
+pub const PROJECTIONS: [&str; 2] = ["kv", "lenses"];
+
+/// Opens the KV slot under `db_dir`.
+pub fn kv_slot(db_dir: &Path) -> Result<Slot<KvStore>, ProjectionError> {
+    Slot::open("kv", db_dir.join("kv.redb"), Box::new(KvStore::open))
+}
+
+/// Opens the lenses slot under `db_dir`; marks it stale if it was built
+/// with other definitions.
+pub fn lenses_slot(db_dir: &Path, defs: Definitions) -> Result<Slot<LensStore>, ProjectionError> {
+    let hash = defs.hash.clone();
+    let slot = Slot::open("lenses", db_dir.join("lenses.redb"), Box::new(move |p: &Path| LensStore::open(p, defs.clone())))?;
+    let built = slot.load().built_with()?;
+    if built != hash {
+        slot.set_stale(Some(format!(
+            "the lens definitions changed (store built with {}, server has {}); rebuild the lenses projection",
+            short(&built),
+            short(&hash)
+        )));
+    }
+    Ok(slot)
+}
+
+fn short(h: &str) -> &str {
+    &h[..h.len().min(12)]
 }
 
 /// Every projection of this process.
 pub struct ReadSide {
     /// The KV view.
-    pub kv: Arc<KvStore>,
+    pub kv: Arc<Slot<KvStore>>,
     /// Lens materializations.
-    pub lenses: Arc<LensStore>,
+    pub lenses: Arc<Slot<LensStore>>,
     workers: Mutex<Vec<Worker>>,
     receivers: Vec<(&'static str, tokio::sync::watch::Receiver<u64>)>,
+    feed: LogFeed,
 }
 
 impl ReadSide {
     /// Opens the stores under `db_dir` and starts one worker each, following
     /// the log that `ingest` writes.
     pub fn start(db_dir: &Path, wal_dir: &Path, ingest: &Ingest, defs: Definitions) -> Result<ReadSide, ProjectionError> {
-        let kv = Arc::new(KvStore::open(db_dir)?);
-        let lenses = Arc::new(LensStore::open(db_dir, defs)?);
-        let stores: Vec<Arc<dyn Projection>> = vec![kv.clone(), lenses.clone()];
-        let mut workers = Vec::new();
-        let mut receivers = Vec::new();
-        for p in stores {
-            let name = p.name();
-            let w = Worker::spawn(p, wal_dir.to_path_buf(), ingest.committed_handle(), ingest.subscribe(), DEFAULT_BATCH)
-                .map_err(|e| ProjectionError { projection: name, message: e.to_string() })?;
-            receivers.push((name, w.subscribe()));
-            workers.push(w);
+        let kv = Arc::new(kv_slot(db_dir)?);
+        let lenses = Arc::new(lenses_slot(db_dir, defs)?);
+        if let Some(why) = lenses.stale() {
+            tracing::warn!(projection = "lenses", "{why}; lens reads answer 503 until it is rebuilt");
         }
-        Ok(ReadSide { kv, lenses, workers: Mutex::new(workers), receivers })
+        let feed = LogFeed { wal_dir: wal_dir.to_path_buf(), committed: ingest.committed_handle(), notify: ingest.subscribe() };
+        let err = |name: &'static str| move |e: std::io::Error| ProjectionError { projection: name, message: e.to_string() };
+        let workers = vec![
+            Worker::spawn(kv.clone(), feed.clone(), DEFAULT_BATCH).map_err(err("kv"))?,
+            Worker::spawn(lenses.clone(), feed.clone(), DEFAULT_BATCH).map_err(err("lenses"))?,
+        ];
+        let receivers = workers.iter().map(|w| (w.name, w.subscribe())).collect();
+        Ok(ReadSide { kv, lenses, workers: Mutex::new(workers), receivers, feed })
     }
 
-    /// Applied position and health of every projection.
+    /// What workers and rebuilds read the log through.
+    pub fn feed(&self) -> &LogFeed {
+        &self.feed
+    }
+
+    /// Why `name` is not served, if it is not.
+    pub fn stale(&self, name: &str) -> Option<String> {
+        match name {
+            "kv" => self.kv.stale(),
+            "lenses" => self.lenses.stale(),
+            _ => None,
+        }
+    }
+
+    /// The checkpoint of the current store of `name`.
+    pub fn checkpoint(&self, name: &str) -> Result<u64, ProjectionError> {
+        match name {
+            "kv" => self.kv.load().checkpoint(),
+            _ => self.lenses.load().checkpoint(),
+        }
+    }
+
+    /// Visible position and health of every projection.
     pub fn status(&self) -> Vec<ProjectionStatus> {
         let workers = self.workers.lock().map(|w| w.iter().map(|w| (w.name, w.failing())).collect::<Vec<_>>()).unwrap_or_default();
         self.receivers
             .iter()
-            .map(|(name, rx)| ProjectionStatus { name, position: *rx.borrow(), failing: workers.iter().any(|(n, f)| n == name && *f) })
+            .map(|(name, rx)| ProjectionStatus {
+                name,
+                position: *rx.borrow(),
+                failing: workers.iter().any(|(n, f)| n == name && *f),
+                stale: self.stale(name),
+            })
             .collect()
     }
 
-    /// Waits until every projection in `names` has applied `position`, or
-    /// `timeout` passes; on timeout returns the first lagging projection
-    /// and its position.
+    /// Waits until every projection in `names` has made `position`
+    /// visible, or `timeout` passes; on timeout returns the first lagging
+    /// projection and its position.
     pub async fn wait_for(&self, names: &[&str], position: u64, timeout: Duration) -> Result<(), (&'static str, u64)> {
         let deadline = tokio::time::Instant::now() + timeout;
         for (name, rx) in self.receivers.iter().filter(|(n, _)| names.contains(n)) {

@@ -2,9 +2,10 @@
 //!
 //! It is woken by the committer's `async-broadcast` channel rather than by
 //! polling, reads with a long-lived [`WalReader`] (never past the committed
-//! position), applies up to `batch` events per transaction, and publishes
-//! the applied position on a `watch` channel that read-your-writes queries
-//! wait on.
+//! position), applies up to `batch` events per call, and publishes the
+//! *visible* position on a `watch` channel that read-your-writes queries
+//! wait on. Between batches it installs a rebuilt store when a rebuild
+//! hands one over (see [`Slot`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,49 +14,67 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::Projection;
+use super::slot::Slot;
+use super::{Projection, ProjectionError};
+use crate::model::LogRecord;
 use crate::wal::WalReader;
 
-/// Largest number of events applied in one transaction.
-pub const DEFAULT_BATCH: usize = 10_000;
+/// Largest number of events applied in one call (one transaction).
+pub const DEFAULT_BATCH: usize = 50_000;
+
+/// Shortest time between the starts of two small transactions. A redb
+/// commit has a fixed cost (page allocation, checksums) that dwarfs one
+/// event's work, and under a steady write load a worker woken per group
+/// commit would spend most of the CPU committing tiny transactions; waiting
+/// this long lets events accumulate, at the price of this much extra
+/// visibility lag. Full batches (catch-up) are never delayed.
+pub const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
 
 /// A running worker.
 pub struct Worker {
     /// The projection's name.
     pub name: &'static str,
-    applied: watch::Receiver<u64>,
+    visible: watch::Receiver<u64>,
     failed: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// What a worker reads from and listens to.
+#[derive(Clone)]
+pub struct LogFeed {
+    /// The WAL directory.
+    pub wal_dir: std::path::PathBuf,
+    /// The committed head.
+    pub committed: Arc<AtomicU64>,
+    /// Woken on every commit; closed at shutdown.
+    pub notify: async_broadcast::Receiver<u64>,
+}
+
 impl Worker {
-    /// Starts following the log in `wal_dir` for `projection`.
-    pub fn spawn(
-        projection: Arc<dyn Projection>,
-        wal_dir: std::path::PathBuf,
-        committed: Arc<AtomicU64>,
-        notify: async_broadcast::Receiver<u64>,
-        batch: usize,
-    ) -> std::io::Result<Worker> {
-        let name = projection.name();
-        let start = projection.checkpoint().unwrap_or(0);
+    /// Starts following the log for the store in `slot`.
+    pub fn spawn<T: Projection>(slot: Arc<Slot<T>>, feed: LogFeed, batch: usize) -> std::io::Result<Worker> {
+        let name = slot.name();
+        let start = slot.load().checkpoint().unwrap_or(0);
         let (tx, rx) = watch::channel(start);
         let failed = Arc::new(AtomicBool::new(false));
         let f = failed.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("proj-{name}"))
-            .spawn(move || run(projection, wal_dir, committed, notify, tx, f, batch))?;
-        Ok(Worker { name, applied: rx, failed, thread: Some(thread) })
+        let thread = std::thread::Builder::new().name(format!("proj-{name}")).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+                Ok(rt) => run(slot, feed, tx, f, batch, &rt),
+                Err(e) => tracing::error!(projection = name, error = %e, "cannot start the worker's timer runtime"),
+            }
+        })?;
+        Ok(Worker { name, visible: rx, failed, thread: Some(thread) })
     }
 
-    /// The last applied position.
-    pub fn applied(&self) -> u64 {
-        *self.applied.borrow()
+    /// The last visible position.
+    pub fn visible(&self) -> u64 {
+        *self.visible.borrow()
     }
 
     /// A receiver to wait for positions on.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.applied.clone()
+        self.visible.clone()
     }
 
     /// Whether the last apply failed (the worker retries).
@@ -71,36 +90,131 @@ impl Worker {
     }
 }
 
-fn run(
-    p: Arc<dyn Projection>,
-    wal_dir: std::path::PathBuf,
-    committed: Arc<AtomicU64>,
-    mut notify: async_broadcast::Receiver<u64>,
-    applied: watch::Sender<u64>,
+/// Reads up to `max` records from `r` (bounded by its `until`).
+pub fn read_batch(r: &mut WalReader, buf: &mut Vec<LogRecord>, max: usize) -> Result<(), crate::wal::WalError> {
+    while buf.len() < max {
+        match r.next_record()? {
+            Some(rec) => buf.push(rec),
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// Applies the log to `store` from its checkpoint up to `until`, in
+/// batches; `progress` is called after each batch with the last position.
+/// Used to catch a shadow up and by rebuilds.
+pub fn replay_into<T: Projection + ?Sized>(
+    store: &T,
+    wal_dir: &std::path::Path,
+    until: u64,
+    batch: usize,
+    mut progress: impl FnMut(u64) -> bool,
+) -> Result<u64, ProjectionError> {
+    let perr = |e: crate::wal::WalError| ProjectionError { projection: store.name(), message: e.to_string() };
+    let mut pos = store.checkpoint()?;
+    if pos >= until {
+        return Ok(pos);
+    }
+    let mut reader = WalReader::open(wal_dir, pos + 1).map_err(perr)?;
+    reader.set_until(until);
+    let mut buf = Vec::with_capacity(batch.min(65_536));
+    while pos < until {
+        buf.clear();
+        read_batch(&mut reader, &mut buf, batch).map_err(perr)?;
+        let Some(last) = buf.last().map(|r| r.position) else {
+            return Err(ProjectionError { projection: store.name(), message: format!("the log ends at {pos}, before position {until}") });
+        };
+        store.apply(&buf)?;
+        pos = last;
+        if !progress(pos) {
+            break;
+        }
+    }
+    Ok(pos)
+}
+
+enum Wake {
+    Event,
+    Idle,
+    Closed,
+}
+
+fn wait(
+    rt: &tokio::runtime::Runtime,
+    notify: &mut async_broadcast::Receiver<u64>,
+    wake: &tokio::sync::Notify,
+    idle: Option<Duration>,
+) -> Wake {
+    rt.block_on(async {
+        let timer = async {
+            match idle {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            r = notify.recv() => match r {
+                Ok(_) | Err(async_broadcast::RecvError::Overflowed(_)) => Wake::Event,
+                Err(async_broadcast::RecvError::Closed) => Wake::Closed,
+            },
+            _ = wake.notified() => Wake::Event,
+            _ = timer => Wake::Idle,
+        }
+    })
+}
+
+fn run<T: Projection>(
+    slot: Arc<Slot<T>>,
+    mut feed: LogFeed,
+    visible: watch::Sender<u64>,
     failed: Arc<AtomicBool>,
     batch: usize,
+    rt: &tokio::runtime::Runtime,
 ) {
-    let name = p.name();
+    let name = slot.name();
+    let mut p = slot.load();
+    // `pos` is how far this worker has read and applied; `shown` is what
+    // readers can see (equal for transactional stores).
     let mut pos = loop {
         match p.checkpoint() {
             Ok(c) => break c,
-            Err(e) => {
-                failed.store(true, Ordering::Relaxed);
-                tracing::error!(projection = name, error = %e, "cannot read checkpoint; retrying");
-                std::thread::sleep(Duration::from_secs(1));
-            }
+            Err(e) => fail(&failed, name, &e.to_string()),
         }
     };
-    let _ = applied.send(pos);
-    metrics::gauge!("stemedb_projection_position", "projection" => name).set(pos as f64);
+    let mut shown = pos;
+    let publish = |v: u64| {
+        let _ = visible.send(v);
+        metrics::gauge!("stemedb_projection_position", "projection" => name).set(v as f64);
+    };
+    publish(shown);
     let mut reader: Option<WalReader> = None;
     let mut buf = Vec::with_capacity(batch.min(65_536));
+    let mut last_apply = Instant::now() - MIN_COMMIT_INTERVAL;
     loop {
-        let head = committed.load(Ordering::Acquire);
-        metrics::gauge!("stemedb_projection_lag_events", "projection" => name).set(head.saturating_sub(pos) as f64);
-        if head > pos {
+        if feed.notify.is_closed() {
+            break; // shutting down: the next start resumes from the checkpoint
+        }
+        if let Some(shadow) = slot.take_handover() {
+            match install(&slot, shadow, &feed.wal_dir, pos, batch) {
+                Ok(store) => {
+                    // A shadow may have been built past this worker's position.
+                    pos = store.checkpoint().unwrap_or(pos).max(pos);
+                    p = store;
+                    reader = None;
+                    shown = pos;
+                    publish(shown);
+                    tracing::info!(projection = name, position = pos, "rebuilt store installed");
+                }
+                Err(e) => tracing::error!(projection = name, error = %e, "could not install the rebuilt store; keeping the old one"),
+            }
+            continue;
+        }
+        let head = feed.committed.load(Ordering::Acquire);
+        metrics::gauge!("stemedb_projection_lag_events", "projection" => name).set(head.saturating_sub(shown) as f64);
+        if head > pos && slot.stale().is_none() {
             if reader.is_none() {
-                match WalReader::open(&wal_dir, pos + 1) {
+                match WalReader::open(&feed.wal_dir, pos + 1) {
                     Ok(r) => reader = Some(r),
                     Err(e) => {
                         fail(&failed, name, &e.to_string());
@@ -111,17 +225,7 @@ fn run(
             let Some(r) = reader.as_mut() else { continue };
             r.set_until(head);
             buf.clear();
-            let read = loop {
-                if buf.len() >= batch {
-                    break Ok(());
-                }
-                match r.next_record() {
-                    Ok(Some(rec)) => buf.push(rec),
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-            };
-            if let Err(e) = read {
+            if let Err(e) = read_batch(r, &mut buf, batch) {
                 reader = None;
                 fail(&failed, name, &e.to_string());
                 continue;
@@ -133,14 +237,25 @@ fn run(
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            let t = Instant::now();
+            if buf.len() < batch {
+                if let Some(wait) = MIN_COMMIT_INTERVAL.checked_sub(last_apply.elapsed()) {
+                    // Small batch soon after the previous one: let more arrive.
+                    std::thread::sleep(wait);
+                    r.set_until(feed.committed.load(Ordering::Acquire));
+                    let _ = read_batch(r, &mut buf, batch);
+                }
+            }
+            last_apply = Instant::now();
             match p.apply(&buf) {
-                Ok(()) => {
+                Ok(v) => {
                     failed.store(false, Ordering::Relaxed);
                     pos = buf.last().map(|r| r.position).unwrap_or(pos);
-                    metrics::histogram!("stemedb_projection_apply_seconds", "projection" => name).record(t.elapsed().as_secs_f64());
-                    metrics::gauge!("stemedb_projection_position", "projection" => name).set(pos as f64);
-                    let _ = applied.send(pos);
+                    metrics::histogram!("stemedb_projection_apply_seconds", "projection" => name)
+                        .record(last_apply.elapsed().as_secs_f64());
+                    if v != shown {
+                        shown = v;
+                        publish(shown);
+                    }
                 }
                 Err(e) => {
                     // Nothing was committed; re-read the same events.
@@ -150,18 +265,36 @@ fn run(
             }
             continue;
         }
-        match notify.recv_blocking() {
-            Ok(_) | Err(async_broadcast::RecvError::Overflowed(_)) => {}
-            Err(async_broadcast::RecvError::Closed) => {
-                // The committer stopped: apply anything it committed last, then exit.
-                if committed.load(Ordering::Acquire) > pos {
-                    continue;
+        let idle = if shown < pos { p.idle_flush() } else { None };
+        match wait(rt, &mut feed.notify, &slot.wake, idle) {
+            Wake::Event => {}
+            Wake::Closed => break,
+            Wake::Idle => match p.flush() {
+                Ok(v) => {
+                    shown = v;
+                    publish(shown);
                 }
-                break;
-            }
+                Err(e) => fail(&failed, name, &e.to_string()),
+            },
         }
     }
+    if let Err(e) = p.flush() {
+        tracing::warn!(projection = name, error = %e, "final flush failed; the next start re-applies from the last durable checkpoint");
+    }
     tracing::info!(projection = name, position = pos, "projection worker stopped");
+}
+
+/// Catches `shadow` up to `pos`, makes it durable and swaps it in.
+fn install<T: Projection>(
+    slot: &Slot<T>,
+    shadow: Arc<T>,
+    wal_dir: &std::path::Path,
+    pos: u64,
+    batch: usize,
+) -> Result<Arc<T>, ProjectionError> {
+    replay_into(&*shadow, wal_dir, pos, batch, |_| true)?;
+    shadow.flush()?;
+    slot.install(shadow)
 }
 
 fn fail(failed: &AtomicBool, name: &str, err: &str) {

@@ -20,8 +20,8 @@ impl Projection for KvStore {
         Ok(meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()).unwrap_or(0))
     }
 
-    fn apply(&self, records: &[LogRecord]) -> Result<(), ProjectionError> {
-        let Some(last) = records.last().map(|r| r.position) else { return Ok(()) };
+    fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError> {
+        let Some(last) = records.last().map(|r| r.position) else { return self.checkpoint() };
         let mut tx = self.db.begin_write().map_err(kerr)?;
         // The WAL is the durable copy and the checkpoint lives in the same
         // transaction, so losing a non-durable commit in a crash only means
@@ -100,7 +100,12 @@ impl Projection for KvStore {
             meta.insert("checkpoint", last).map_err(kerr)?;
         }
         tx.commit().map_err(kerr)?;
-        Ok(())
+        Ok(last)
+    }
+
+    fn flush(&self) -> Result<u64, ProjectionError> {
+        super::super::flush_redb(&self.db, kerr)?;
+        self.checkpoint()
     }
 }
 

@@ -87,10 +87,9 @@ pub struct KvStore {
 }
 
 impl KvStore {
-    /// Opens or creates `<dir>/kv.redb`.
-    pub fn open(dir: &Path) -> Result<KvStore, ProjectionError> {
-        std::fs::create_dir_all(dir).map_err(kerr)?;
-        let db = Database::create(dir.join("kv.redb")).map_err(kerr)?;
+    /// Opens or creates the store file at `path` (normally `<db>/kv.redb`).
+    pub fn open(path: &Path) -> Result<KvStore, ProjectionError> {
+        let db = Database::create(path).map_err(kerr)?;
         let tx = db.begin_write().map_err(kerr)?;
         {
             tx.open_table(RECORDS).map_err(kerr)?;

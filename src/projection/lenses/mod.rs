@@ -90,28 +90,32 @@ fn e<E: std::fmt::Display>(x: E) -> ProjectionError {
 }
 
 impl LensStore {
-    /// Opens or creates `<dir>/lenses.redb` for `defs`. A store built with
-    /// other definitions is emptied (it will be rebuilt from the log), with
-    /// a warning: serving answers computed with other weights would be wrong.
-    pub fn open(dir: &Path, defs: Definitions) -> Result<LensStore, ProjectionError> {
-        std::fs::create_dir_all(dir).map_err(e)?;
-        let db = Database::create(dir.join("lenses.redb")).map_err(e)?;
+    /// Opens or creates the store file at `path` (normally
+    /// `<db>/lenses.redb`) to compute answers with `defs`. A new store
+    /// records the hash of `defs`; an existing one keeps the hash it was
+    /// built with, which [`LensStore::built_with`] reports so that a change
+    /// of definitions is noticed.
+    pub fn open(path: &Path, defs: Definitions) -> Result<LensStore, ProjectionError> {
+        let db = Database::create(path).map_err(e)?;
         let tx = db.begin_write().map_err(e)?;
         {
-            let stored: Option<String> = tx.open_table(META_TEXT).map_err(e)?.get("definitions").map_err(e)?.map(|v| v.value().to_string());
-            if stored.as_deref().is_some_and(|h| h != defs.hash) {
-                tracing::warn!(stored = stored.as_deref().unwrap_or(""), current = %defs.hash, "lens definitions changed; rebuilding the lenses projection from the log");
-                tx.delete_table(PAIRS).map_err(e)?;
-                tx.delete_table(OWNERS).map_err(e)?;
-                tx.delete_table(META).map_err(e)?;
-            }
             tx.open_table(PAIRS).map_err(e)?;
             tx.open_table(OWNERS).map_err(e)?;
-            tx.open_table(META).map_err(e)?;
-            tx.open_table(META_TEXT).map_err(e)?.insert("definitions", defs.hash.as_str()).map_err(e)?;
+            let empty = tx.open_table(META).map_err(e)?.get("checkpoint").map_err(e)?.is_none();
+            let mut text = tx.open_table(META_TEXT).map_err(e)?;
+            if empty || text.get("definitions").map_err(e)?.is_none() {
+                text.insert("definitions", defs.hash.as_str()).map_err(e)?;
+            }
         }
         tx.commit().map_err(e)?;
         Ok(LensStore { db, defs, durability: DurableEvery::default() })
+    }
+
+    /// The hash of the definitions this store's answers were computed with.
+    pub fn built_with(&self) -> Result<String, ProjectionError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(META_TEXT).map_err(e)?;
+        Ok(t.get("definitions").map_err(e)?.map(|v| v.value().to_string()).unwrap_or_default())
     }
 
     /// The definitions answers are computed with.
@@ -175,8 +179,8 @@ impl Projection for LensStore {
         checkpoint_in(&tx)
     }
 
-    fn apply(&self, records: &[LogRecord]) -> Result<(), ProjectionError> {
-        let Some(last) = records.last().map(|r| r.position) else { return Ok(()) };
+    fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError> {
+        let Some(last) = records.last().map(|r| r.position) else { return self.checkpoint() };
         let mut tx = self.db.begin_write().map_err(e)?;
         tx.set_durability(if self.durability.due() { Durability::Immediate } else { Durability::None }).map_err(e)?;
         {
@@ -226,6 +230,11 @@ impl Projection for LensStore {
             meta.insert("checkpoint", last).map_err(e)?;
         }
         tx.commit().map_err(e)?;
-        Ok(())
+        Ok(last)
+    }
+
+    fn flush(&self) -> Result<u64, ProjectionError> {
+        super::flush_redb(&self.db, e)?;
+        self.checkpoint()
     }
 }
