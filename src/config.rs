@@ -84,6 +84,13 @@ pub struct ServeArgs {
     /// `/v1/ready` answers 503 when a projection is more than this many events behind.
     #[arg(long, env = "STEMEDB_READY_MAX_LAG", default_value_t = 10_000)]
     pub ready_max_lag: u64,
+    /// Serve `/v1/admin/` even on a non-loopback address.
+    #[arg(long, env = "STEMEDB_ADMIN_ENABLED", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub admin_enabled: bool,
+    /// Rebuild projections whose definitions changed online at start,
+    /// instead of refusing to serve them until an operator does.
+    #[arg(long, env = "STEMEDB_AUTO_REBUILD", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub auto_rebuild: bool,
 }
 
 fn parse_segment_bytes(s: &str) -> Result<u64, String> {

@@ -997,10 +997,11 @@ async fn restart_resumes_from_checkpoints_without_double_counting() {
     assert_eq!(new_state.iter().map(|c| c.2).sum::<u64>(), 31);
 }
 
-/// Changing `lenses.toml` rebuilds the lens answers from the log with the
-/// new weights, exactly once.
+/// Changing `lenses.toml` makes the lenses projection stale: it is not
+/// served (503 naming the projection) until an online rebuild replays the
+/// log with the new weights, after which every event counts exactly once.
 #[tokio::test]
-async fn changed_definitions_rebuild_the_lenses() {
+async fn changed_definitions_require_a_rebuild() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     let (s, p) = ("drug:defs", "dose");
@@ -1022,6 +1023,34 @@ async fn changed_definitions_rebuild_the_lenses() {
     std::fs::write(defs.join("lenses.toml"), toml).expect("write lenses.toml");
     let defs_s = defs.to_string_lossy().into_owned();
     let env = Env { server: common::Server::start(&data, &[("STEMEDB_PROJECTIONS_DIR", &defs_s)]), c: common::client(), _tmp: tmp };
+
+    // Stale: refused, with the projection named; the KV view still serves.
+    let url = env.server.url(&format!("/v1/lenses/consensus?subject={s}&predicate={p}"));
+    let (st, ct, v) = common::get_json(&env.c, &url).await;
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(ct, "application/problem+json");
+    assert_eq!(v["projection"], "lenses");
+    let (st, _, _) = common::get_json(&env.c, &env.server.url(&format!("/v1/history?subject={s}&predicate={p}"))).await;
+    assert_eq!(st, 200);
+    let (_, _, status) = common::get_json(&env.c, &env.server.url("/v1/admin/projections")).await;
+    let lenses = status["projections"].as_array().expect("list").iter().find(|p| p["name"] == "lenses").expect("lenses").clone();
+    assert_eq!(lenses["state"], "stale", "{status}");
+
+    // Rebuild online, wait for the job, and read the new answers.
+    let (st, _, job) =
+        common::post_json(&env.c, &env.server.url("/v1/admin/projections/rebuild"), &json!({"projections": ["lenses"]})).await;
+    assert_eq!(st, 202, "{job}");
+    let id = job["job"].as_str().expect("job id").to_string();
+    let mut state = Value::Null;
+    for _ in 0..600 {
+        let (_, _, j) = common::get_json(&env.c, &env.server.url(&format!("/v1/admin/projections/rebuild/{id}"))).await;
+        state = j["state"].clone();
+        if state != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, "completed");
     let v = env.lens("consensus", s, p, last, &[]).await;
     let cl = claims(&v);
     assert_close(&json!(cl["A"].0), 0.8, "A rebuilt with community = 0.8");

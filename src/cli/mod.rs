@@ -1,5 +1,6 @@
 //! The `stemedb` command line: one subcommand per module.
 
+pub mod admin;
 pub mod serve;
 pub mod wal;
 
@@ -27,6 +28,9 @@ pub enum Command {
     /// Inspect the write-ahead log of a stopped server.
     #[command(subcommand)]
     Wal(wal::WalCommand),
+    /// Projection rebuilds, status and verification.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Load tools (run against a live server).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -37,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(&cli.data, args),
         Command::Wal(cmd) => wal::run(&cli.data, cmd),
+        Command::Admin(cmd) => admin::run(&cli.data, cmd),
         Command::Bench(cmd) => crate::bench::run(cmd),
     }
 }

@@ -47,7 +47,20 @@ async fn serve(data: &DataArgs, args: ServeArgs) -> anyhow::Result<()> {
         metrics,
         read: read.clone(),
         ready_max_lag: args.ready_max_lag,
+        admin_enabled: args.admin_enabled || args.bind.ip().is_loopback(),
     };
+    let stale: Vec<String> =
+        crate::projection::read_side::PROJECTIONS.iter().filter(|p| read.stale(p).is_some()).map(|p| p.to_string()).collect();
+    if !stale.is_empty() {
+        if args.auto_rebuild {
+            match read.start_rebuild(&stale) {
+                Ok(job) => tracing::info!(job = %job.id, projections = ?stale, "STEMEDB_AUTO_REBUILD: rebuilding stale projections online"),
+                Err(e) => tracing::error!(error = %e, "could not start the automatic rebuild"),
+            }
+        } else {
+            tracing::warn!(projections = ?stale, "stale projections are not served; run `stemedb admin rebuild-projections` or set STEMEDB_AUTO_REBUILD=true");
+        }
+    }
     http::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("HTTP server stopped; finishing queued commits");
     ingest.shutdown().await;

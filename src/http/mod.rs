@@ -4,6 +4,7 @@
 //! the read side, and shape the answer. Every error leaves as a
 //! [`problem::Problem`].
 
+pub mod admin;
 pub mod assertions;
 pub mod body;
 pub mod consistency;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub read: std::sync::Arc<crate::projection::read_side::ReadSide>,
     /// `/v1/ready` fails when a projection is further behind than this.
     pub ready_max_lag: u64,
+    /// Whether `/v1/admin/` is served.
+    pub admin_enabled: bool,
 }
 
 /// All routes.
@@ -50,6 +53,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/lenses/{lens}", get(lenses::query))
         .route("/v1/subjects/{subject}", get(lenses::subject))
         .route("/v1/ready", get(system::ready))
+        .route("/v1/admin/projections", get(admin::projections))
+        .route("/v1/admin/projections/rebuild", post(admin::rebuild))
+        .route("/v1/admin/projections/rebuild/{job}", get(admin::job).delete(admin::cancel))
+        .route("/v1/admin/projections/verify", post(admin::verify))
         .route("/v1/assertions/batch", post(assertions::create_batch))
         .route("/v1/assertions/{id}/retractions", post(assertions::retract))
         .route("/v1/health", get(system::health))

@@ -14,7 +14,9 @@
 pub mod kv;
 pub mod lenses;
 pub mod read_side;
+pub mod rebuild;
 pub mod slot;
+pub mod verify;
 pub mod worker;
 
 use crate::model::LogRecord;
@@ -28,6 +30,10 @@ pub struct ProjectionError {
     /// What failed.
     pub message: String,
 }
+
+/// Receives every row of a store during verification: table number, key
+/// bytes, value bytes; returns false to stop.
+pub type RowVisitor<'a> = dyn FnMut(u8, &[u8], &[u8]) -> bool + 'a;
 
 /// What the worker needs from a projection store.
 pub trait Projection: Send + Sync + 'static {
@@ -55,6 +61,35 @@ pub trait Projection: Send + Sync + 'static {
     fn idle_flush(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// Visits every stored row, table by table in a fixed order and keys
+    /// in order, from one consistent snapshot; returns that snapshot's
+    /// checkpoint. Verification compares two stores through this, so two
+    /// stores built from the same log must visit identical rows.
+    fn visit_rows(&self, visit: &mut RowVisitor<'_>) -> Result<u64, ProjectionError> {
+        let _ = visit;
+        Err(ProjectionError { projection: self.name(), message: "this projection does not support verification".into() })
+    }
+}
+
+/// Visits every row of one redb table for [`Projection::visit_rows`];
+/// returns false if the visitor asked to stop.
+pub(crate) fn visit_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    tx: &redb::ReadTransaction,
+    def: redb::TableDefinition<K, V>,
+    table: u8,
+    visit: &mut RowVisitor<'_>,
+) -> Result<bool, String> {
+    use redb::ReadableTable;
+    let t = tx.open_table(def).map_err(|e| e.to_string())?;
+    for row in t.iter().map_err(|e| e.to_string())? {
+        let (k, v) = row.map_err(|e| e.to_string())?;
+        let (kv, vv) = (k.value(), v.value());
+        if !visit(table, K::as_bytes(&kv).as_ref(), V::as_bytes(&vv).as_ref()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The key of a `(subject, predicate)` pair in projection tables:

@@ -63,6 +63,8 @@ pub struct ReadSide {
     workers: Mutex<Vec<Worker>>,
     receivers: Vec<(&'static str, tokio::sync::watch::Receiver<u64>)>,
     feed: LogFeed,
+    /// Online rebuild jobs.
+    pub jobs: super::rebuild::Jobs,
 }
 
 impl ReadSide {
@@ -81,7 +83,17 @@ impl ReadSide {
             Worker::spawn(lenses.clone(), feed.clone(), DEFAULT_BATCH).map_err(err("lenses"))?,
         ];
         let receivers = workers.iter().map(|w| (w.name, w.subscribe())).collect();
-        Ok(ReadSide { kv, lenses, workers: Mutex::new(workers), receivers, feed })
+        Ok(ReadSide { kv, lenses, workers: Mutex::new(workers), receivers, feed, jobs: Default::default() })
+    }
+
+    /// Every projection as something a rebuild or verification can work on.
+    pub fn rebuildable(&self) -> Vec<Arc<dyn super::rebuild::Rebuildable>> {
+        vec![self.kv.clone(), self.lenses.clone()]
+    }
+
+    /// Starts an online rebuild of `names`.
+    pub fn start_rebuild(&self, names: &[String]) -> Result<Arc<super::rebuild::Job>, super::rebuild::StartError> {
+        self.jobs.start(names, &self.rebuildable(), self.feed.clone())
     }
 
     /// What workers and rebuilds read the log through.

@@ -82,6 +82,11 @@ impl<T: Projection> Slot<T> {
         (self.open)(&path)
     }
 
+    /// Opens a store of this slot's kind at another path (verification).
+    pub fn open_at(&self, path: &Path) -> Result<T, ProjectionError> {
+        (self.open)(path)
+    }
+
     /// Deletes the shadow store's files (after a cancelled rebuild).
     pub fn discard_shadow(&self) {
         let _ = remove_any(&self.shadow_path());
@@ -187,5 +192,6 @@ pub fn recover_paths(live: &Path) -> std::io::Result<()> {
         std::fs::rename(&old, live)?;
     }
     remove_any(&old)?;
+    remove_any(&sibling(live, "verify"))?;
     remove_any(&sibling(live, "shadow"))
 }

@@ -237,13 +237,13 @@ fn run<T: Projection>(
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            if buf.len() < batch {
-                if let Some(wait) = MIN_COMMIT_INTERVAL.checked_sub(last_apply.elapsed()) {
-                    // Small batch soon after the previous one: let more arrive.
-                    std::thread::sleep(wait);
-                    r.set_until(feed.committed.load(Ordering::Acquire));
-                    let _ = read_batch(r, &mut buf, batch);
-                }
+            if buf.len() < batch
+                && let Some(wait) = MIN_COMMIT_INTERVAL.checked_sub(last_apply.elapsed())
+            {
+                // Small batch soon after the previous one: let more arrive.
+                std::thread::sleep(wait);
+                r.set_until(feed.committed.load(Ordering::Acquire));
+                let _ = read_batch(r, &mut buf, batch);
             }
             last_apply = Instant::now();
             match p.apply(&buf) {

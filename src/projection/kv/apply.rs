@@ -107,6 +107,22 @@ impl Projection for KvStore {
         super::super::flush_redb(&self.db, kerr)?;
         self.checkpoint()
     }
+
+    fn visit_rows(&self, visit: &mut crate::projection::RowVisitor<'_>) -> Result<u64, ProjectionError> {
+        use crate::projection::visit_table;
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read().map_err(kerr)?;
+        let _ = visit_table(&tx, RECORDS, 0, visit).map_err(kerr)?
+            && visit_table(&tx, IDS, 1, visit).map_err(kerr)?
+            && visit_table(&tx, LOG, 2, visit).map_err(kerr)?
+            && visit_table(&tx, BY_PAIR, 3, visit).map_err(kerr)?
+            && visit_table(&tx, BY_SUBJECT, 4, visit).map_err(kerr)?
+            && visit_table(&tx, BY_PREDICATE, 5, visit).map_err(kerr)?
+            && visit_table(&tx, BY_AGENT, 6, visit).map_err(kerr)?
+            && visit_table(&tx, META, 7, visit).map_err(kerr)?;
+        let meta = tx.open_table(META).map_err(kerr)?;
+        Ok(meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()).unwrap_or(0))
+    }
 }
 
 /// The stored assertion `id`, loaded into `dirty` (where it will be

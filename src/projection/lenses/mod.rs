@@ -237,4 +237,14 @@ impl Projection for LensStore {
         super::flush_redb(&self.db, e)?;
         self.checkpoint()
     }
+
+    fn visit_rows(&self, visit: &mut super::RowVisitor<'_>) -> Result<u64, ProjectionError> {
+        use super::visit_table;
+        let tx = self.db.begin_read().map_err(e)?;
+        let _ = visit_table(&tx, PAIRS, 0, visit).map_err(e)?
+            && visit_table(&tx, OWNERS, 1, visit).map_err(e)?
+            && visit_table(&tx, META, 2, visit).map_err(e)?
+            && visit_table(&tx, META_TEXT, 3, visit).map_err(e)?;
+        checkpoint_in(&tx)
+    }
 }

@@ -1,0 +1,187 @@
+//! `stemedb admin …`: projection rebuilds, status and verification, offline
+//! (on a stopped server's data directory) or online (`--url`).
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::config::DataArgs;
+use crate::lens::Definitions;
+use crate::projection::read_side::{PROJECTIONS, kv_slot, lenses_slot};
+use crate::projection::rebuild::Rebuildable;
+use crate::wal::lock::DirLock;
+
+/// Admin subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Replay the log into fresh projections and swap them in.
+    RebuildProjections(RebuildArgs),
+    /// Show each projection's position, lag and rebuild progress (online).
+    Projections(UrlArgs),
+    /// Replay the log into temporary stores and compare them with the live
+    /// projections; exit 0 if identical, 1 if not.
+    VerifyProjections(RebuildArgs),
+}
+
+/// Which projections, and where.
+#[derive(Args, Debug)]
+pub struct RebuildArgs {
+    /// `kv`, `lenses` or `all`.
+    #[arg(long, default_value = "all")]
+    pub projection: String,
+    /// A running server's URL; without it, work offline on --data-dir.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Directory holding `lenses.toml` [default: built-in definitions].
+    #[arg(long, env = "STEMEDB_PROJECTIONS_DIR")]
+    pub projections_dir: Option<std::path::PathBuf>,
+}
+
+/// A running server.
+#[derive(Args, Debug)]
+pub struct UrlArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:18180")]
+    pub url: String,
+}
+
+fn names(p: &str) -> anyhow::Result<Vec<String>> {
+    if p == "all" {
+        return Ok(PROJECTIONS.iter().map(|s| s.to_string()).collect());
+    }
+    if !PROJECTIONS.contains(&p) {
+        bail!("unknown projection {p:?}; use one of {} or all", PROJECTIONS.join(", "));
+    }
+    Ok(vec![p.to_string()])
+}
+
+/// Runs an admin subcommand.
+pub fn run(data: &DataArgs, cmd: AdminCommand) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match cmd {
+        AdminCommand::RebuildProjections(a) => match &a.url {
+            Some(url) => rt.block_on(rebuild_online(url, &names(&a.projection)?)),
+            None => rebuild_offline(data, &a),
+        },
+        AdminCommand::Projections(a) => rt.block_on(async {
+            let v: Value = client()?.get(format!("{}/v1/admin/projections", a.url)).send().await?.error_for_status()?.json().await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(0)
+        }),
+        AdminCommand::VerifyProjections(a) => match &a.url {
+            Some(url) => rt.block_on(verify_online(url, &names(&a.projection)?)),
+            None => verify_offline(data, &a),
+        },
+    }
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().timeout(Duration::from_secs(3600)).build()?)
+}
+
+fn open_slots(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<Vec<Box<dyn Rebuildable>>> {
+    let defs = Definitions::load(a.projections_dir.as_deref()).map_err(|e| anyhow::anyhow!("invalid lens definitions: {e}"))?;
+    let db = data.db_dir();
+    let mut out: Vec<Box<dyn Rebuildable>> = Vec::new();
+    for n in names(&a.projection)? {
+        match n.as_str() {
+            "kv" => out.push(Box::new(kv_slot(&db)?)),
+            _ => out.push(Box::new(lenses_slot(&db, defs.clone())?)),
+        }
+    }
+    Ok(out)
+}
+
+/// The last position of the log (checks it end to end on the way).
+fn log_head(data: &DataArgs) -> anyhow::Result<u64> {
+    let report = crate::wal::verify::verify(&data.wal_dir()).context("the WAL does not verify; fix it before rebuilding")?;
+    Ok(report.last_position)
+}
+
+fn lock(data: &DataArgs) -> anyhow::Result<DirLock> {
+    DirLock::acquire(&data.wal_dir()).map_err(|e| {
+        anyhow::anyhow!("{e}. A running server holds this data directory: use `--url` to rebuild online, or stop the server first")
+    })
+}
+
+fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
+    let _lock = lock(data)?;
+    let head = log_head(data)?;
+    for slot in open_slots(data, a)? {
+        let bar = indicatif::ProgressBar::new(head);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix:>7} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(slot.name());
+        let started = std::time::Instant::now();
+        slot.rebuild_offline(&data.wal_dir(), head, &mut |p| bar.set_position(p))?;
+        bar.finish();
+        let secs = started.elapsed().as_secs_f64();
+        println!("{}", json!({"projection": slot.name(), "events": head, "seconds": secs, "events_per_sec": head as f64 / secs.max(1e-9)}));
+    }
+    Ok(0)
+}
+
+fn verify_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
+    let _lock = lock(data)?;
+    let mut ok = true;
+    for slot in open_slots(data, a)? {
+        let c = slot.verify(&data.wal_dir())?;
+        ok &= c.equal;
+        println!("{}", serde_json::to_string(&c)?);
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+async fn rebuild_online(url: &str, names: &[String]) -> anyhow::Result<i32> {
+    let c = client()?;
+    let resp = c.post(format!("{url}/v1/admin/projections/rebuild")).json(&json!({"projections": names})).send().await?;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("the server refused the rebuild ({status}): {}", v["detail"].as_str().unwrap_or(""));
+    }
+    let job = v["job"].as_str().unwrap_or_default().to_string();
+    eprintln!("rebuild job {job} started");
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let j: Value = c.get(format!("{url}/v1/admin/projections/rebuild/{job}")).send().await?.json().await?;
+        for (name, p) in j["progress"].as_object().into_iter().flatten() {
+            eprintln!(
+                "{name:>7}: {:>5.1}%  {}/{} events  {:.0} events/s  ETA {:.0}s{}",
+                p["progress"].as_f64().unwrap_or(0.0) * 100.0,
+                p["position"],
+                p["head"],
+                p["events_per_sec"].as_f64().unwrap_or(0.0),
+                p["eta_seconds"].as_f64().unwrap_or(0.0),
+                if p["swapped"].as_bool() == Some(true) { "  swapped in" } else { "" }
+            );
+        }
+        match j["state"].as_str() {
+            Some("running") => continue,
+            Some("completed") => {
+                println!("{j}");
+                return Ok(0);
+            }
+            _ => {
+                println!("{j}");
+                return Ok(1);
+            }
+        }
+    }
+}
+
+async fn verify_online(url: &str, names: &[String]) -> anyhow::Result<i32> {
+    let resp = client()?.post(format!("{url}/v1/admin/projections/verify")).json(&json!({"projections": names})).send().await?;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("verification failed to run ({status}): {}", v["detail"].as_str().unwrap_or(""));
+    }
+    println!("{v}");
+    Ok(if v["ok"].as_bool() == Some(true) { 0 } else { 1 })
+}
