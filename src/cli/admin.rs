@@ -109,20 +109,40 @@ fn lock(data: &DataArgs) -> anyhow::Result<DirLock> {
 fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
     let _lock = lock(data)?;
     let head = log_head(data)?;
-    for slot in open_slots(data, a)? {
-        let bar = indicatif::ProgressBar::new(head);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{prefix:>7} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(slot.name());
-        let started = std::time::Instant::now();
-        slot.rebuild_offline(&data.wal_dir(), head, &mut |p| bar.set_position(p))?;
-        bar.finish();
-        let secs = started.elapsed().as_secs_f64();
-        println!("{}", json!({"projection": slot.name(), "events": head, "seconds": secs, "events_per_sec": head as f64 / secs.max(1e-9)}));
+    let slots = open_slots(data, a)?;
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:>7} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let started = std::time::Instant::now();
+    // Projections are independent: rebuild them side by side, one thread each.
+    let results: Vec<anyhow::Result<serde_json::Value>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = slots
+            .iter()
+            .map(|slot| {
+                let bar = bars.add(indicatif::ProgressBar::new(head));
+                bar.set_style(style.clone());
+                bar.set_prefix(slot.name());
+                let wal = data.wal_dir();
+                scope.spawn(move || {
+                    let t = std::time::Instant::now();
+                    slot.rebuild_offline(&wal, head, &mut |p| bar.set_position(p))?;
+                    bar.finish();
+                    let secs = t.elapsed().as_secs_f64();
+                    Ok(json!({"projection": slot.name(), "events": head, "seconds": secs, "events_per_sec": head as f64 / secs.max(1e-9)}))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a rebuild thread panicked")))).collect()
+    });
+    for r in results {
+        println!("{}", r?);
     }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"projections": slots.iter().map(|s| s.name()).collect::<Vec<_>>(), "events": head, "seconds": secs, "events_per_sec": head as f64 / secs.max(1e-9)})
+    );
     Ok(0)
 }
 

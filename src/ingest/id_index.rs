@@ -91,7 +91,9 @@ impl IdIndex {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(err)?;
         }
-        let db = Database::create(path).map_err(err)?;
+        // A bounded cache: the upper B-tree levels stay resident, and memory
+        // does not grow with the log.
+        let db = redb::Builder::new().set_cache_size(128 * 1024 * 1024).create(path).map_err(err)?;
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(IDS).map_err(err)?;
         tx.open_table(RETRACTIONS).map_err(err)?;

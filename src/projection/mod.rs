@@ -31,6 +31,11 @@ pub struct ProjectionError {
     pub message: String,
 }
 
+/// Page cache of each projection store (redb's default is 1 GiB per
+/// database, which with several stores and a rebuild's shadows would put
+/// the process over its memory budget).
+pub const STORE_CACHE_BYTES: usize = 256 * 1024 * 1024;
+
 /// Receives every row of a store during verification: table number, key
 /// bytes, value bytes; returns false to stop.
 pub type RowVisitor<'a> = dyn FnMut(u8, &[u8], &[u8]) -> bool + 'a;

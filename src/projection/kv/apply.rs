@@ -45,6 +45,13 @@ impl Projection for KvStore {
             // written once at the end; and the ids this batch created.
             let mut dirty: HashMap<u64, StoredAssertion> = HashMap::new();
             let mut new_ids: HashMap<AssertionId, u64> = HashMap::new();
+            // Secondary-index rows are collected and inserted in key order
+            // at the end: a B-tree absorbs sorted inserts touching each leaf
+            // once per batch, instead of once per row.
+            let mut pair_rows: Vec<(Vec<u8>, (u8, u64))> = Vec::new();
+            let mut subject_rows: Vec<Vec<u8>> = Vec::new();
+            let mut predicate_rows: Vec<Vec<u8>> = Vec::new();
+            let mut agent_rows: Vec<Vec<u8>> = Vec::new();
             for r in records {
                 match &r.event {
                     Event::AssertionRecorded { id, assertion: a } => {
@@ -55,12 +62,11 @@ impl Projection for KvStore {
                         }
                         let p = r.position;
                         log.insert(p, (id.0.as_slice(), KIND_ASSERTED, ns(&r.recorded_at))).map_err(kerr)?;
-                        ids.insert(id.0.as_slice(), p).map_err(kerr)?;
                         let pk = pair_key(&a.subject, &a.predicate);
-                        by_pair.insert(index_key(&pk, p).as_slice(), (KIND_ASSERTED, p)).map_err(kerr)?;
-                        by_subject.insert(index_key(a.subject.as_bytes(), p).as_slice(), ()).map_err(kerr)?;
-                        by_predicate.insert(index_key(a.predicate.as_bytes(), p).as_slice(), ()).map_err(kerr)?;
-                        by_agent.insert(index_key(a.agent.as_bytes(), p).as_slice(), ()).map_err(kerr)?;
+                        pair_rows.push((index_key(&pk, p), (KIND_ASSERTED, p)));
+                        subject_rows.push(index_key(a.subject.as_bytes(), p));
+                        predicate_rows.push(index_key(a.predicate.as_bytes(), p));
+                        agent_rows.push(index_key(a.agent.as_bytes(), p));
                         new_ids.insert(*id, p);
                         dirty.insert(
                             p,
@@ -77,7 +83,7 @@ impl Projection for KvStore {
                         log.insert(r.position, (rt.id.0.as_slice(), KIND_RETRACTED, ns(&r.recorded_at))).map_err(kerr)?;
                         if let Some(t) = load_mut(&mut dirty, &new_ids, &ids, &stored, &rt.id)? {
                             let pk = pair_key(&t.assertion.subject, &t.assertion.predicate);
-                            by_pair.insert(index_key(&pk, r.position).as_slice(), (KIND_RETRACTED, t.position)).map_err(kerr)?;
+                            pair_rows.push((index_key(&pk, r.position), (KIND_RETRACTED, t.position)));
                             if t.retraction.is_none() {
                                 t.retraction = Some(StoredRetraction {
                                     position: r.position,
@@ -89,6 +95,23 @@ impl Projection for KvStore {
                             }
                         }
                     }
+                }
+            }
+            let mut id_rows: Vec<(&AssertionId, &u64)> = new_ids.iter().collect();
+            id_rows.sort_unstable();
+            for (id, p) in id_rows {
+                ids.insert(id.0.as_slice(), *p).map_err(kerr)?;
+            }
+            pair_rows.sort_unstable();
+            for (k, v) in &pair_rows {
+                by_pair.insert(k.as_slice(), *v).map_err(kerr)?;
+            }
+            for (rows, table) in
+                [(&mut subject_rows, &mut by_subject), (&mut predicate_rows, &mut by_predicate), (&mut agent_rows, &mut by_agent)]
+            {
+                rows.sort_unstable();
+                for k in rows.iter() {
+                    table.insert(k.as_slice(), ()).map_err(kerr)?;
                 }
             }
             let mut positions: Vec<&u64> = dirty.keys().collect();
