@@ -19,7 +19,8 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::id_index::{self, IdEntry, IdIndex, IndexReader};
+use super::id_index::{self, IdEntry, IdIndex, IndexHandle, IndexReader};
+use super::unindexed::Unindexed;
 use crate::model::{Assertion, AssertionId, Event, Retraction};
 use crate::wal::{WalError, WalReader, WalWriter, WriterOptions};
 
@@ -155,8 +156,14 @@ impl Ingest {
         let failure = Arc::new(std::sync::OnceLock::new());
         let f = failure.clone();
         let max_group = opts.max_group_events;
-        let thread =
-            std::thread::Builder::new().name("wal-committer".into()).spawn(move || run(writer, index, rx, c, btx, max_group, f))?;
+        let handle = index.handle();
+        let (itx, irx) = std::sync::mpsc::channel();
+        let indexer = std::thread::Builder::new().name("id-indexer".into()).spawn(move || run_indexer(index, irx))?;
+        let thread = std::thread::Builder::new().name("wal-committer".into()).spawn(move || {
+            run(writer, handle, itx, rx, c, btx, max_group, f);
+            // The committer dropped its sender: the indexer drains and flushes.
+            let _ = indexer.join();
+        })?;
         Ok(Ingest { tx, committed, failure, notify: brx.deactivate(), thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
     }
 
@@ -236,7 +243,7 @@ fn catch_up_index(index: &mut IdIndex, wal_dir: &std::path::Path, head: u64) -> 
     Ok(())
 }
 
-/// Per-group scratch state: what this group has appended so far, so that
+/// Per-group scratch state: what this group has staged so far, so that
 /// later requests of the same group see earlier ones.
 #[derive(Default)]
 struct Group {
@@ -246,25 +253,68 @@ struct Group {
     new_retractions: Vec<(AssertionId, u64)>,
 }
 
-impl Group {
-    fn lookup(&self, idx: &IndexReader, id: &AssertionId) -> Result<Option<IdEntry>, id_index::IndexError> {
-        match self.ids.get(id) {
-            Some(e) => Ok(Some(*e)),
-            None => idx.get(id),
+/// Where the committer looks ids up: this group, then what is committed but
+/// not yet indexed, then a snapshot of the index.
+struct Lookup<'a> {
+    group: &'a Group,
+    unindexed: &'a Unindexed,
+    index: &'a IndexReader,
+}
+
+impl Lookup<'_> {
+    fn get(&self, id: &AssertionId) -> Result<Option<IdEntry>, id_index::IndexError> {
+        match self.group.ids.get(id).copied().or_else(|| self.unindexed.get(id)) {
+            Some(e) => Ok(Some(e)),
+            None => self.index.get(id),
         }
     }
 
-    fn retraction(&self, idx: &IndexReader, id: &AssertionId) -> Result<Option<u64>, id_index::IndexError> {
-        match self.retractions.get(id) {
-            Some(p) => Ok(Some(*p)),
-            None => idx.retraction(id),
+    fn retraction(&self, id: &AssertionId) -> Result<Option<u64>, id_index::IndexError> {
+        match self.group.retractions.get(id).copied().or_else(|| self.unindexed.retraction(id)) {
+            Some(p) => Ok(Some(p)),
+            None => self.index.retraction(id),
         }
     }
 }
 
+/// One committed group for the indexer.
+struct IndexBatch {
+    ids: Vec<(AssertionId, IdEntry)>,
+    retractions: Vec<(AssertionId, u64)>,
+    position: u64,
+}
+
+/// The indexer thread: applies committed groups to the id index, several
+/// at a time when it falls behind, and flushes when the committer stops.
+fn run_indexer(mut index: IdIndex, rx: std::sync::mpsc::Receiver<IndexBatch>) {
+    while let Ok(first) = rx.recv() {
+        let mut ids = first.ids;
+        let mut retractions = first.retractions;
+        let mut position = first.position;
+        while let Ok(more) = rx.try_recv() {
+            ids.extend(more.ids);
+            retractions.extend(more.retractions);
+            position = more.position;
+            if ids.len() >= 100_000 {
+                break;
+            }
+        }
+        if let Err(e) = index.insert(&ids, &retractions, position) {
+            // The WAL is the truth; the index catches up at the next start,
+            // and until then the committer keeps these ids in memory.
+            tracing::error!(error = %e, "id index update failed");
+        }
+    }
+    if let Err(e) = index.flush() {
+        tracing::error!(error = %e, "final id index flush failed");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run(
     mut writer: WalWriter,
-    mut index: IdIndex,
+    index: IndexHandle,
+    to_indexer: std::sync::mpsc::Sender<IndexBatch>,
     mut rx: mpsc::Receiver<Msg>,
     committed: Arc<AtomicU64>,
     notify: async_broadcast::Sender<u64>,
@@ -272,6 +322,7 @@ fn run(
     failure: Arc<std::sync::OnceLock<String>>,
 ) {
     let mut pending: Vec<(Job, Result<Committed, IngestError>)> = Vec::new();
+    let mut unindexed = Unindexed::default();
     let mut stopping = false;
     while !stopping {
         let first = match rx.blocking_recv() {
@@ -320,10 +371,12 @@ fn run(
                 continue;
             }
         };
+        unindexed.prune(&reader);
+        metrics::gauge!("stemedb_id_index_lag_ids").set(unindexed.len() as f64);
         let recorded_at = writer.next_recorded_at();
         for job in jobs {
-            let result =
-                stage(&mut writer, &reader, &mut group, &job.items, recorded_at).map(|outcomes| Committed { outcomes, recorded_at });
+            let result = stage(&mut writer, &reader, &unindexed, &mut group, &job.items, recorded_at)
+                .map(|outcomes| Committed { outcomes, recorded_at });
             pending.push((job, result));
         }
         drop(reader);
@@ -338,9 +391,14 @@ fn run(
                 metrics::counter!("stemedb_assertions_total").increment(group.new_ids.len() as u64);
                 metrics::counter!("stemedb_events_total").increment(appended as u64);
                 metrics::gauge!("stemedb_wal_position").set(pos as f64);
-                if let Err(e) = index.insert(&group.new_ids, &group.new_retractions, pos) {
-                    // The WAL is the truth; the index catches up at next start.
-                    tracing::error!(error = %e, "id index update failed; duplicates may not be detected until restart");
+                unindexed.add(pos, &group.new_ids, &group.new_retractions);
+                let batch = IndexBatch {
+                    ids: std::mem::take(&mut group.new_ids),
+                    retractions: std::mem::take(&mut group.new_retractions),
+                    position: pos,
+                };
+                if to_indexer.send(batch).is_err() {
+                    tracing::error!("the id indexer stopped; ids stay in memory until restart");
                 }
                 committed.store(pos, Ordering::Release);
                 let _ = notify.try_broadcast(pos);
@@ -368,9 +426,6 @@ fn run(
     if let Err(e) = writer.commit() {
         tracing::error!(error = %e, "final WAL commit failed");
     }
-    if let Err(e) = index.flush() {
-        tracing::error!(error = %e, "final id index flush failed");
-    }
     tracing::info!(position = writer.committed_position(), "WAL committer stopped");
 }
 
@@ -379,10 +434,12 @@ fn run(
 fn stage(
     writer: &mut WalWriter,
     idx: &IndexReader,
+    unindexed: &Unindexed,
     group: &mut Group,
     items: &[Item],
     recorded_at: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<Outcome>, IngestError> {
+    let look = Lookup { group: &*group, unindexed, index: idx };
     let unavailable = |e: id_index::IndexError| IngestError::Unavailable(e.to_string());
     let mut errors = Vec::new();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
@@ -396,7 +453,7 @@ fn stage(
             Item::Assert { id, assertion } => {
                 let existing = match local.get(id) {
                     Some(e) => Some(*e),
-                    None => group.lookup(idx, id).map_err(unavailable)?,
+                    None => look.get(id).map_err(unavailable)?,
                 };
                 if let Some(e) = existing {
                     outcomes[i] = Some(Outcome::Duplicate { position: e.position });
@@ -406,7 +463,7 @@ fn stage(
                 for sid in &assertion.supersedes {
                     let target = match local.get(sid) {
                         Some(e) => Some(*e),
-                        None => group.lookup(idx, sid).map_err(unavailable)?,
+                        None => look.get(sid).map_err(unavailable)?,
                     };
                     // `supersedes` is kept sorted, so an index here is not the
                     // index the client sent; the reason names the id instead.
@@ -438,7 +495,7 @@ fn stage(
             Item::Retract(r) => {
                 let target = match local.get(&r.id) {
                     Some(e) => Some(*e),
-                    None => group.lookup(idx, &r.id).map_err(unavailable)?,
+                    None => look.get(&r.id).map_err(unavailable)?,
                 };
                 let Some(t) = target else {
                     errors.push(ItemError {
@@ -460,7 +517,7 @@ fn stage(
                 }
                 let earlier = match local_retractions.get(&r.id) {
                     Some(p) => Some(*p),
-                    None => group.retraction(idx, &r.id).map_err(unavailable)?,
+                    None => look.retraction(&r.id).map_err(unavailable)?,
                 };
                 if let Some(p) = earlier {
                     outcomes[i] = Some(Outcome::Duplicate { position: p });

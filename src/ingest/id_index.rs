@@ -78,9 +78,10 @@ fn err(e: impl std::fmt::Display) -> IndexError {
     IndexError(e.to_string())
 }
 
-/// The persistent id index, owned by the committer thread.
+/// The persistent id index. The indexer thread owns it and writes;
+/// the committer reads through an [`IndexHandle`].
 pub struct IdIndex {
-    db: Database,
+    db: std::sync::Arc<Database>,
     last_durable: Instant,
     dirty: bool,
 }
@@ -99,7 +100,7 @@ impl IdIndex {
         tx.open_table(RETRACTIONS).map_err(err)?;
         tx.open_table(META).map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(IdIndex { db, last_durable: Instant::now(), dirty: false })
+        Ok(IdIndex { db: std::sync::Arc::new(db), last_durable: Instant::now(), dirty: false })
     }
 
     /// The last WAL position the index covers.
@@ -121,10 +122,9 @@ impl IdIndex {
         tx.commit().map_err(err)
     }
 
-    /// A read view for one group of lookups.
-    pub fn reader(&self) -> Result<IndexReader, IndexError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        Ok(IndexReader { ids: tx.open_table(IDS).map_err(err)?, retractions: tx.open_table(RETRACTIONS).map_err(err)? })
+    /// A read-only handle for another thread.
+    pub fn handle(&self) -> IndexHandle {
+        IndexHandle { db: self.db.clone() }
     }
 
     /// Records a committed group and advances the checkpoint to `position`.
@@ -168,13 +168,34 @@ impl IdIndex {
     }
 }
 
+/// Read access to the index from the committer thread.
+#[derive(Clone)]
+pub struct IndexHandle {
+    db: std::sync::Arc<Database>,
+}
+
+impl IndexHandle {
+    /// A consistent snapshot for one group of lookups.
+    pub fn reader(&self) -> Result<IndexReader, IndexError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let checkpoint = tx.open_table(META).map_err(err)?.get(CHECKPOINT).map_err(err)?.map(|v| v.value()).unwrap_or(0);
+        Ok(IndexReader { ids: tx.open_table(IDS).map_err(err)?, retractions: tx.open_table(RETRACTIONS).map_err(err)?, checkpoint })
+    }
+}
+
 /// A consistent snapshot for lookups.
 pub struct IndexReader {
     ids: redb::ReadOnlyTable<&'static [u8], (u64, u64, u64)>,
     retractions: redb::ReadOnlyTable<&'static [u8], u64>,
+    checkpoint: u64,
 }
 
 impl IndexReader {
+    /// The last WAL position this snapshot covers.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
     /// The entry of `id`, if recorded.
     pub fn get(&self, id: &AssertionId) -> Result<Option<IdEntry>, IndexError> {
         Ok(self.ids.get(id.0.as_slice()).map_err(err)?.map(|v| {

@@ -9,5 +9,6 @@
 
 pub mod committer;
 pub mod id_index;
+pub mod unindexed;
 
 pub use committer::{Committed, Ingest, IngestError, IngestOptions, Item, ItemError, Outcome};
