@@ -124,15 +124,17 @@ impl Job {
         let head = p.target.load(Ordering::Relaxed).max(done);
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate = done as f64 / secs;
+        let swapped = p.swapped.load(Ordering::Relaxed);
         Some(ProgressView {
             job: self.id.clone(),
             position: done,
             head,
-            progress: if head == 0 { 1.0 } else { done as f64 / head as f64 },
+            // A projection whose turn has not come yet has no head: 0 %, not 100 %.
+            progress: if head == 0 { if swapped { 1.0 } else { 0.0 } } else { done as f64 / head as f64 },
             events_per_sec: rate,
             eta_seconds: (rate > 0.0).then(|| (head - done) as f64 / rate),
             started_at: crate::model::time::format(&self.started_at),
-            swapped: p.swapped.load(Ordering::Relaxed),
+            swapped,
         })
     }
 }
