@@ -9,6 +9,7 @@ pub mod ingest;
 pub mod lag;
 pub mod query;
 pub mod report;
+pub mod search;
 
 use clap::Subcommand;
 
@@ -21,6 +22,8 @@ pub enum BenchCommand {
     Query(query::QueryArgs),
     /// Write → visible latency at a steady write rate.
     Lag(lag::LagArgs),
+    /// Search indexing throughput and search latency over a generated dataset.
+    Search(search::SearchArgs),
 }
 
 /// Runs a bench subcommand.
@@ -30,5 +33,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
         BenchCommand::Ingest(args) => rt.block_on(ingest::run(args)),
         BenchCommand::Query(args) => rt.block_on(query::run(args)),
         BenchCommand::Lag(args) => rt.block_on(lag::run(args)),
+        BenchCommand::Search(args) => rt.block_on(search::run(args)),
     }
 }

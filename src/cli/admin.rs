@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::config::DataArgs;
 use crate::lens::Definitions;
-use crate::projection::read_side::{PROJECTIONS, kv_slot, lenses_slot};
+use crate::projection::read_side::{PROJECTIONS, kv_slot, lenses_slot, search_slot};
 use crate::projection::rebuild::Rebuildable;
 use crate::wal::lock::DirLock;
 
@@ -88,6 +88,11 @@ fn open_slots(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<Vec<Box<dyn Re
     for n in names(&a.projection)? {
         match n.as_str() {
             "kv" => out.push(Box::new(kv_slot(&db)?)),
+            "search" => {
+                let def = crate::projection::search::SearchDefinition::load(a.projections_dir.as_deref())
+                    .map_err(|e| anyhow::anyhow!("invalid search definition: {e}"))?;
+                out.push(Box::new(search_slot(&db, def)?))
+            }
             _ => out.push(Box::new(lenses_slot(&db, defs.clone())?)),
         }
     }

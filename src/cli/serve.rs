@@ -35,8 +35,11 @@ async fn serve(data: &DataArgs, args: ServeArgs) -> anyhow::Result<()> {
     .with_context(|| format!("cannot open the data directory {}", data.data_dir.display()))?;
     let defs = crate::lens::Definitions::load(args.projections_dir.as_deref())
         .map_err(|e| anyhow::anyhow!("invalid lens definitions (STEMEDB_PROJECTIONS_DIR): {e}"))?;
+    let search_def = crate::projection::search::SearchDefinition::load(args.projections_dir.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid search definition (STEMEDB_PROJECTIONS_DIR): {e}"))?;
     let read = std::sync::Arc::new(
-        ReadSide::start(&data.db_dir(), &data.wal_dir(), &ingest, defs).context("cannot open the projections (STEMEDB_DB_DIR)")?,
+        ReadSide::start_with(&data.db_dir(), &data.wal_dir(), &ingest, defs, search_def)
+            .context("cannot open the projections (STEMEDB_DB_DIR)")?,
     );
     let listener =
         tokio::net::TcpListener::bind(args.bind).await.with_context(|| format!("cannot listen on {} (STEMEDB_BIND_ADDR)", args.bind))?;

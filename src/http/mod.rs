@@ -13,6 +13,7 @@ pub mod lenses;
 pub mod middleware;
 pub mod problem;
 pub mod query;
+pub mod search;
 pub mod system;
 
 use std::future::Future;
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/history", get(kv::history))
         .route("/v1/lenses/{lens}", get(lenses::query))
         .route("/v1/subjects/{subject}", get(lenses::subject))
+        .route("/v1/search", get(search::search))
         .route("/v1/ready", get(system::ready))
         .route("/v1/admin/projections", get(admin::projections))
         .route("/v1/admin/projections/rebuild", post(admin::rebuild))

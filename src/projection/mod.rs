@@ -9,12 +9,14 @@
 //!
 //! Projections know the log and the model, never HTTP. Stores:
 //! [`kv`] (assertions by id, by subject/predicate/agent, history) and
-//! [`lenses`] (live sets and materialized lens answers per pair).
+//! [`lenses`] (live sets and materialized lens answers per pair) and
+//! [`search`] (tantivy: text and attribute search, committed on a cadence).
 
 pub mod kv;
 pub mod lenses;
 pub mod read_side;
 pub mod rebuild;
+pub mod search;
 pub mod slot;
 pub mod verify;
 pub mod worker;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::kv::KvStore;
 use super::lenses::LensStore;
+use super::search::{SearchDefinition, SearchStore};
 use super::slot::Slot;
 use super::worker::{DEFAULT_BATCH, LogFeed, Worker};
 use super::{Projection, ProjectionError};
@@ -27,7 +28,7 @@ pub struct ProjectionStatus {
 }
 
 /// Names of every projection, in start order.
-pub const PROJECTIONS: [&str; 2] = ["kv", "lenses"];
+pub const PROJECTIONS: [&str; 3] = ["kv", "lenses", "search"];
 
 /// Opens the KV slot under `db_dir`.
 pub fn kv_slot(db_dir: &Path) -> Result<Slot<KvStore>, ProjectionError> {
@@ -50,6 +51,22 @@ pub fn lenses_slot(db_dir: &Path, defs: Definitions) -> Result<Slot<LensStore>, 
     Ok(slot)
 }
 
+/// Opens the search slot (`<db>/search`, a directory); marks it stale if
+/// it was built with another index definition.
+pub fn search_slot(db_dir: &Path, def: SearchDefinition) -> Result<Slot<SearchStore>, ProjectionError> {
+    let hash = def.hash.clone();
+    let slot = Slot::open("search", db_dir.join("search"), Box::new(move |p: &Path| SearchStore::open(p, def.clone())))?;
+    let built = slot.load().built_with().to_string();
+    if built != hash {
+        slot.set_stale(Some(format!(
+            "the search definition changed (index built with {}, server has {}); rebuild the search projection",
+            short(&built),
+            short(&hash)
+        )));
+    }
+    Ok(slot)
+}
+
 fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }
@@ -60,6 +77,8 @@ pub struct ReadSide {
     pub kv: Arc<Slot<KvStore>>,
     /// Lens materializations.
     pub lenses: Arc<Slot<LensStore>>,
+    /// The search index.
+    pub search: Arc<Slot<SearchStore>>,
     workers: Mutex<Vec<Worker>>,
     receivers: Vec<(&'static str, tokio::sync::watch::Receiver<u64>)>,
     feed: LogFeed,
@@ -71,24 +90,43 @@ impl ReadSide {
     /// Opens the stores under `db_dir` and starts one worker each, following
     /// the log that `ingest` writes.
     pub fn start(db_dir: &Path, wal_dir: &Path, ingest: &Ingest, defs: Definitions) -> Result<ReadSide, ProjectionError> {
+        // The search definition sits beside lenses.toml.
+        let dir = std::env::var_os("STEMEDB_PROJECTIONS_DIR").map(std::path::PathBuf::from);
+        let search = SearchDefinition::load(dir.as_deref()).map_err(|message| ProjectionError { projection: "search", message })?;
+        Self::start_with(db_dir, wal_dir, ingest, defs, search)
+    }
+
+    /// [`ReadSide::start`] with an explicit search definition.
+    pub fn start_with(
+        db_dir: &Path,
+        wal_dir: &Path,
+        ingest: &Ingest,
+        defs: Definitions,
+        search_def: SearchDefinition,
+    ) -> Result<ReadSide, ProjectionError> {
         let kv = Arc::new(kv_slot(db_dir)?);
         let lenses = Arc::new(lenses_slot(db_dir, defs)?);
         if let Some(why) = lenses.stale() {
             tracing::warn!(projection = "lenses", "{why}; lens reads answer 503 until it is rebuilt");
+        }
+        let search = Arc::new(search_slot(db_dir, search_def)?);
+        if let Some(why) = search.stale() {
+            tracing::warn!(projection = "search", "{why}; searches answer 503 until it is rebuilt");
         }
         let feed = LogFeed { wal_dir: wal_dir.to_path_buf(), committed: ingest.committed_handle(), notify: ingest.subscribe() };
         let err = |name: &'static str| move |e: std::io::Error| ProjectionError { projection: name, message: e.to_string() };
         let workers = vec![
             Worker::spawn(kv.clone(), feed.clone(), DEFAULT_BATCH).map_err(err("kv"))?,
             Worker::spawn(lenses.clone(), feed.clone(), DEFAULT_BATCH).map_err(err("lenses"))?,
+            Worker::spawn(search.clone(), feed.clone(), DEFAULT_BATCH).map_err(err("search"))?,
         ];
         let receivers = workers.iter().map(|w| (w.name, w.subscribe())).collect();
-        Ok(ReadSide { kv, lenses, workers: Mutex::new(workers), receivers, feed, jobs: Default::default() })
+        Ok(ReadSide { kv, lenses, search, workers: Mutex::new(workers), receivers, feed, jobs: Default::default() })
     }
 
     /// Every projection as something a rebuild or verification can work on.
     pub fn rebuildable(&self) -> Vec<Arc<dyn super::rebuild::Rebuildable>> {
-        vec![self.kv.clone(), self.lenses.clone()]
+        vec![self.kv.clone(), self.lenses.clone(), self.search.clone()]
     }
 
     /// Starts an online rebuild of `names`.
@@ -106,6 +144,7 @@ impl ReadSide {
         match name {
             "kv" => self.kv.stale(),
             "lenses" => self.lenses.stale(),
+            "search" => self.search.stale(),
             _ => None,
         }
     }
@@ -114,6 +153,7 @@ impl ReadSide {
     pub fn checkpoint(&self, name: &str) -> Result<u64, ProjectionError> {
         match name {
             "kv" => self.kv.load().checkpoint(),
+            "search" => self.search.load().checkpoint(),
             _ => self.lenses.load().checkpoint(),
         }
     }

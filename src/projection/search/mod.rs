@@ -1,0 +1,362 @@
+//! The `search` projection (tantivy): one document per assertion, so that
+//! agents can find claims by words and filter them by attributes.
+//!
+//! Unlike the redb stores it commits on a cadence ([`SearchDefinition`]:
+//! every `interval_ms` or `max_docs`, whichever first, and when writes
+//! stop): a tantivy commit is expensive, and documents become searchable
+//! only at one. The **checkpoint** is the log position stored in the commit
+//! payload (with the definition hash), so a restart resumes from the last
+//! commit and no document is indexed twice. [`Projection::apply`] returns
+//! the last *committed* position, which is what `min_position` waits for.
+//!
+//! A retraction or supersession re-creates the affected document with its
+//! flags set (delete by id, add), from the stored encoding of the assertion
+//! (looked up among uncommitted documents first, then in the index).
+
+pub mod query;
+pub mod schema;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tantivy::collector::TopDocs;
+use tantivy::directory::MmapDirectory;
+use tantivy::query::TermQuery;
+use tantivy::schema::{IndexRecordOption, Value};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
+
+pub use schema::{Fields, SearchDefinition};
+
+use super::kv::{StoredAssertion, StoredRetraction};
+use super::{Projection, ProjectionError};
+use crate::model::{AssertionId, Event, LogRecord};
+
+const NAME: &str = "search";
+
+fn e<E: std::fmt::Display>(x: E) -> ProjectionError {
+    ProjectionError { projection: NAME, message: x.to_string() }
+}
+
+/// What a commit payload records.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Payload {
+    position: u64,
+    definition: String,
+}
+
+struct Writer {
+    /// `None` only while the store is dropped.
+    writer: Option<IndexWriter<TantivyDocument>>,
+    /// Encoded assertions added since the last commit (not yet findable
+    /// through a searcher), by id.
+    pending: HashMap<[u8; 32], Vec<u8>>,
+    pending_docs: usize,
+    last_commit: Instant,
+    /// Whether merges are paused because the worker is far behind.
+    bulk: bool,
+    /// Commit even with nothing pending, so tantivy considers merges.
+    merge_due: bool,
+}
+
+/// An `apply` this large means the worker is catching up: segments are
+/// not merged until it has caught up, so a commit per cadence does not
+/// re-merge the growing index over and over (3× faster catch-up).
+const BULK_BATCH: usize = 10_000;
+
+impl Writer {
+    /// Pauses merging while catching up, resumes it afterwards.
+    fn set_bulk(&mut self, bulk: bool) {
+        if bulk != self.bulk
+            && let Some(w) = self.writer.as_ref()
+        {
+            if bulk {
+                w.set_merge_policy(Box::new(tantivy::indexer::NoMergePolicy));
+            } else {
+                w.set_merge_policy(Box::new(tantivy::indexer::LogMergePolicy::default()));
+                self.merge_due = true;
+            }
+            self.bulk = bulk;
+        }
+    }
+
+    fn index_writer(&mut self) -> Result<&mut IndexWriter<TantivyDocument>, ProjectionError> {
+        self.writer.as_mut().ok_or_else(|| e("the index writer is closed"))
+    }
+}
+
+/// The search store.
+pub struct SearchStore {
+    index: Index,
+    reader: IndexReader,
+    fields: Fields,
+    def: SearchDefinition,
+    built_with: String,
+    writer: Mutex<Writer>,
+    /// Last committed (visible, durable) position.
+    committed: AtomicU64,
+    /// Last applied position (may be ahead of `committed`).
+    applied: AtomicU64,
+    /// Searchers that cursors are pinned to, by searcher generation.
+    pub(crate) snapshots: query::Snapshots,
+}
+
+impl SearchStore {
+    /// Opens or creates the index directory at `path` (normally
+    /// `<db>/search`). A new index records the hash of `def` in its first
+    /// commit; an existing one keeps the hash it was built with
+    /// ([`SearchStore::built_with`]).
+    pub fn open(path: &Path, def: SearchDefinition) -> Result<SearchStore, ProjectionError> {
+        std::fs::create_dir_all(path).map_err(|x| e(format!("{}: {x}", path.display())))?;
+        let dir = MmapDirectory::open(path).map_err(|x| e(format!("{}: {x}", path.display())))?;
+        let index = if Index::exists(&dir).map_err(e)? {
+            Index::open(dir).map_err(e)?
+        } else {
+            Index::create(dir, schema::schema(&def.tokenizer), tantivy::IndexSettings::default()).map_err(e)?
+        };
+        let fields = Fields::of(&index.schema()).map_err(e)?;
+        let mut writer = index.writer_with_num_threads(def.writer_threads, def.writer_memory).map_err(e)?;
+        let payload = match index.load_metas().map_err(e)?.payload {
+            Some(p) => Some(serde_json::from_str::<Payload>(&p).map_err(|x| e(format!("unreadable commit payload {p:?}: {x}")))?),
+            None => None,
+        };
+        let payload = match payload {
+            Some(p) => p,
+            None => {
+                // A new index: record the definition it is built with.
+                let p = Payload { position: 0, definition: def.hash.clone() };
+                let mut c = writer.prepare_commit().map_err(e)?;
+                c.set_payload(&serde_json::to_string(&p).map_err(e)?);
+                c.commit().map_err(e)?;
+                p
+            }
+        };
+        if index.searchable_segment_ids().map_err(e)?.len() > 8 {
+            // Left unmerged (a rebuild installed before its merges ran): an
+            // empty commit with the same payload lets tantivy merge.
+            let mut c = writer.prepare_commit().map_err(e)?;
+            c.set_payload(&serde_json::to_string(&payload).map_err(e)?);
+            c.commit().map_err(e)?;
+        }
+        let reader: IndexReader = index.reader_builder().reload_policy(ReloadPolicy::OnCommitWithDelay).try_into().map_err(e)?;
+        let store = SearchStore {
+            index,
+            reader,
+            fields,
+            def,
+            built_with: payload.definition,
+            writer: Mutex::new(Writer {
+                writer: Some(writer),
+                pending: HashMap::new(),
+                pending_docs: 0,
+                last_commit: Instant::now(),
+                bulk: false,
+                merge_due: false,
+            }),
+            committed: AtomicU64::new(payload.position),
+            applied: AtomicU64::new(payload.position),
+            snapshots: Default::default(),
+        };
+        store.publish_docs();
+        Ok(store)
+    }
+
+    /// The hash of the definition this index was built with.
+    pub fn built_with(&self) -> &str {
+        &self.built_with
+    }
+
+    /// The definition documents are indexed with.
+    pub fn definition(&self) -> &SearchDefinition {
+        &self.def
+    }
+
+    /// The index's fields.
+    pub fn fields(&self) -> &Fields {
+        &self.fields
+    }
+
+    /// The index (for query parsing).
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The searcher of the last commit and the position it covers.
+    pub fn snapshot(&self) -> (Searcher, u64) {
+        // The position first: a commit reloads the reader before it
+        // publishes its position, so the searcher covers at least this.
+        let position = self.committed.load(Ordering::Acquire);
+        (self.reader.searcher(), position)
+    }
+
+    fn publish_docs(&self) {
+        metrics::gauge!("stemedb_search_index_docs").set(self.reader.searcher().num_docs() as f64);
+    }
+
+    /// The encoded assertion `id`, from the uncommitted documents or the index.
+    fn find(&self, w: &Writer, id: &AssertionId) -> Result<Option<Vec<u8>>, ProjectionError> {
+        if let Some(b) = w.pending.get(&id.0) {
+            return Ok(Some(b.clone()));
+        }
+        let searcher = self.reader.searcher();
+        let q = TermQuery::new(Term::from_field_text(self.fields.id, &id.to_hex()), IndexRecordOption::Basic);
+        let top = searcher.search(&q, &TopDocs::with_limit(1).order_by_score()).map_err(e)?;
+        let Some((_, addr)) = top.first() else { return Ok(None) };
+        let doc: TantivyDocument = searcher.doc(*addr).map_err(e)?;
+        Ok(doc.get_first(self.fields.stored).and_then(|v| v.as_bytes()).map(<[u8]>::to_vec))
+    }
+
+    /// Re-creates the document of `id` after `change` (no-op if unknown).
+    fn update(&self, w: &mut Writer, id: &AssertionId, change: impl FnOnce(&mut StoredAssertion)) -> Result<(), ProjectionError> {
+        let Some(bytes) = self.find(w, id)? else { return Ok(()) };
+        let mut s: StoredAssertion = rmp_serde::from_slice(&bytes).map_err(e)?;
+        change(&mut s);
+        self.add(w, id, &s, true)
+    }
+
+    fn add(&self, w: &mut Writer, id: &AssertionId, s: &StoredAssertion, replace: bool) -> Result<(), ProjectionError> {
+        let bytes = rmp_serde::to_vec_named(s).map_err(e)?;
+        if replace {
+            w.index_writer()?.delete_term(Term::from_field_text(self.fields.id, &id.to_hex()));
+        }
+        w.index_writer()?.add_document(self.fields.document(id, s, &bytes)).map_err(e)?;
+        w.pending.insert(id.0, bytes);
+        w.pending_docs += 1;
+        Ok(())
+    }
+
+    fn commit(&self, w: &mut Writer) -> Result<u64, ProjectionError> {
+        let position = self.applied.load(Ordering::Acquire);
+        if position == self.committed.load(Ordering::Acquire) && w.pending_docs == 0 && !w.merge_due {
+            return Ok(position);
+        }
+        let payload = serde_json::to_string(&Payload { position, definition: self.built_with.clone() }).map_err(e)?;
+        let mut c = w.index_writer()?.prepare_commit().map_err(e)?;
+        c.set_payload(&payload);
+        c.commit().map_err(e)?;
+        self.reader.reload().map_err(e)?;
+        w.pending.clear();
+        w.pending_docs = 0;
+        w.merge_due = false;
+        w.last_commit = Instant::now();
+        self.committed.store(position, Ordering::Release);
+        self.publish_docs();
+        Ok(position)
+    }
+}
+
+impl Projection for SearchStore {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        Ok(self.committed.load(Ordering::Acquire))
+    }
+
+    fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError> {
+        let mut w = self.writer.lock().map_err(|_| e("the index writer lock is poisoned"))?;
+        let applied = self.applied.load(Ordering::Acquire);
+        w.set_bulk(records.len() >= BULK_BATCH);
+        for r in records {
+            // A caller that re-reads from the checkpoint (a shadow being
+            // caught up) may hand over events already applied but not yet
+            // committed.
+            if r.position <= applied {
+                continue;
+            }
+            if r.position != self.applied.load(Ordering::Acquire) + 1 && self.applied.load(Ordering::Acquire) != 0 {
+                return Err(e(format!(
+                    "event at {} does not follow the applied position {}",
+                    r.position,
+                    self.applied.load(Ordering::Acquire)
+                )));
+            }
+            match &r.event {
+                Event::AssertionRecorded { id, assertion } => {
+                    for old in &assertion.supersedes {
+                        self.update(&mut w, old, |s| {
+                            if !s.superseded_by.contains(id) {
+                                s.superseded_by.push(*id);
+                            }
+                        })?;
+                    }
+                    let s = StoredAssertion {
+                        position: r.position,
+                        recorded_at: r.recorded_at,
+                        assertion: assertion.clone(),
+                        retraction: None,
+                        superseded_by: Vec::new(),
+                    };
+                    self.add(&mut w, id, &s, false)?;
+                }
+                Event::AssertionRetracted(rt) => {
+                    self.update(&mut w, &rt.id, |s| {
+                        if s.retraction.is_none() {
+                            s.retraction = Some(StoredRetraction {
+                                position: r.position,
+                                recorded_at: r.recorded_at,
+                                agent: rt.agent.clone(),
+                                reason: rt.reason.clone(),
+                                signature: rt.signature.clone(),
+                            });
+                        }
+                    })?;
+                }
+            }
+            self.applied.store(r.position, Ordering::Release);
+        }
+        if w.pending_docs >= self.def.commit_docs
+            || (w.last_commit.elapsed() >= self.def.commit_interval
+                && self.applied.load(Ordering::Acquire) > self.committed.load(Ordering::Acquire))
+        {
+            if w.bulk {
+                // Catching up: report the previous commit as visible, so
+                // the worker's idle flush runs when catch-up ends and
+                // resumes merging (min_position may wait one commit longer).
+                let before = self.committed.load(Ordering::Acquire);
+                self.commit(&mut w)?;
+                return Ok(before);
+            }
+            return self.commit(&mut w);
+        }
+        Ok(self.committed.load(Ordering::Acquire))
+    }
+
+    fn flush(&self) -> Result<u64, ProjectionError> {
+        let mut w = self.writer.lock().map_err(|_| e("the index writer lock is poisoned"))?;
+        w.set_bulk(false);
+        self.commit(&mut w)
+    }
+
+    fn idle_flush(&self) -> Option<Duration> {
+        Some(self.def.commit_interval)
+    }
+
+    /// One row per document: table 0, key = hex id, value = the stored
+    /// assertion (with its retraction and supersessions), in id order.
+    /// Commits pending documents first so the snapshot is the applied state.
+    fn visit_rows(&self, visit: &mut super::RowVisitor<'_>) -> Result<u64, ProjectionError> {
+        let (searcher, position) = {
+            let mut w = self.writer.lock().map_err(|_| e("the index writer lock is poisoned"))?;
+            let position = self.commit(&mut w)?;
+            (self.reader.searcher(), position)
+        };
+        let mut rows = Vec::new();
+        for addr in searcher.search(&tantivy::query::AllQuery, &tantivy::collector::DocSetCollector).map_err(e)? {
+            let doc: TantivyDocument = searcher.doc(addr).map_err(e)?;
+            let id = doc.get_first(self.fields.id).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            let stored = doc.get_first(self.fields.stored).and_then(|v| v.as_bytes()).map(<[u8]>::to_vec).unwrap_or_default();
+            rows.push((id, stored));
+        }
+        rows.sort_unstable();
+        for (id, stored) in &rows {
+            if !visit(0, id.as_bytes(), stored) {
+                break;
+            }
+        }
+        Ok(position)
+    }
+}
