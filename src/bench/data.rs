@@ -21,7 +21,8 @@ const PREDICATES: &[&str] = &[
     "description",
     "discovered",
 ];
-const WORDS: &[&str] = &[
+/// Vocabulary of generated text (shared by the load tools).
+pub const WORDS: &[&str] = &[
     "reported",
     "observed",
     "trial",
@@ -54,7 +55,8 @@ const WORDS: &[&str] = &[
     "approval",
     "pending",
 ];
-const TIERS: &[&str] = &["regulatory", "clinical", "observational", "expert", "community", "anecdotal"];
+/// Every source tier.
+pub const TIERS: &[&str] = &["regulatory", "clinical", "observational", "expert", "community", "anecdotal"];
 
 /// Generates assertion JSON bodies.
 pub struct Generator {

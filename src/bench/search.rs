@@ -13,7 +13,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use super::data::Generator;
+use super::data::{Generator, TIERS, WORDS};
 use super::report;
 
 /// Options of `bench search`.
@@ -42,40 +42,6 @@ pub struct SearchArgs {
     pub seed: u64,
 }
 
-const WORDS: &[&str] = &[
-    "reported",
-    "observed",
-    "trial",
-    "cohort",
-    "significant",
-    "adverse",
-    "renal",
-    "hepatic",
-    "dose",
-    "response",
-    "patients",
-    "increase",
-    "reduction",
-    "baseline",
-    "placebo",
-    "randomized",
-    "study",
-    "evidence",
-    "suggests",
-    "association",
-    "risk",
-    "outcome",
-    "clinical",
-    "annual",
-    "revenue",
-    "growth",
-    "region",
-    "expansion",
-    "regulatory",
-    "approval",
-    "pending",
-];
-const TIERS: &[&str] = &["regulatory", "clinical", "observational", "expert", "community", "anecdotal"];
 const PREDICATES: &[&str] = &["max_daily_dose_mg", "half_life_hours", "interacts_with", "description", "discovered"];
 
 /// Loads `args.assertions` generated assertions with 1,000-item batches
