@@ -140,19 +140,6 @@ fn request(p: &Params) -> Result<SearchRequest, Problem> {
     Ok(req)
 }
 
-/// The same shape as `GET /v1/assertions/{id}`.
-fn view(id: crate::model::AssertionId, s: crate::projection::kv::StoredAssertion) -> StoredView {
-    StoredView {
-        id,
-        position: s.position,
-        recorded_at: crate::model::time::format(&s.recorded_at),
-        assertion: s.assertion,
-        retracted: s.retraction.is_some(),
-        retraction: s.retraction,
-        superseded_by: s.superseded_by,
-    }
-}
-
 /// `GET /v1/search?q=&subject=&...`
 pub async fn search(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Result<Json<Value>, Problem> {
     let params = Params::parse(raw.as_deref(), PARAMS)?;
@@ -186,7 +173,7 @@ pub async fn search(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Resu
                 "position": position,
                 "retracted": retracted,
                 "superseded": superseded,
-                "assertion": serde_json::to_value(view(h.id, h.stored)).unwrap_or(Value::Null),
+                "assertion": serde_json::to_value(StoredView::new(h.id, h.stored)).unwrap_or(Value::Null),
             })
         })
         .collect();

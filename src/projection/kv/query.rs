@@ -27,7 +27,9 @@ pub struct StoredView {
 }
 
 impl StoredView {
-    fn new(id: AssertionId, s: StoredAssertion) -> StoredView {
+    /// The public shape of a stored assertion; every endpoint that returns
+    /// assertions (by id, lists, history, search hits) uses it.
+    pub fn new(id: AssertionId, s: StoredAssertion) -> StoredView {
         StoredView {
             id,
             position: s.position,
