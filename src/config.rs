@@ -91,6 +91,54 @@ pub struct ServeArgs {
     /// instead of refusing to serve them until an operator does.
     #[arg(long, env = "STEMEDB_AUTO_REBUILD", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub auto_rebuild: bool,
+    /// Ship sealed WAL segments to this archive (`s3://bucket/prefix`).
+    #[arg(long, env = "STEMEDB_S3_URL", conflicts_with = "follow")]
+    pub s3_url: Option<String>,
+    /// Seal and ship the active segment at least this often when it holds
+    /// new events: the recovery point objective.
+    #[arg(long, env = "STEMEDB_S3_SHIP_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub s3_ship_interval: std::time::Duration,
+    /// Run as a read-only follower of this archive (`s3://bucket/prefix`).
+    #[arg(long, env = "STEMEDB_FOLLOW")]
+    pub follow: Option<String>,
+    /// How often a follower polls the archive's manifest.
+    #[arg(long, env = "STEMEDB_FOLLOW_POLL_INTERVAL", default_value = "250ms", value_parser = parse_interval)]
+    pub follow_poll_interval: std::time::Duration,
+    /// A follower is not ready after this long without reading the archive.
+    #[arg(long, env = "STEMEDB_FOLLOW_MAX_SILENCE", default_value = "30s", value_parser = parse_interval)]
+    pub follow_max_silence: std::time::Duration,
+    /// The archive's store.
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// How to reach the archive's S3-compatible store. Shared by `serve`,
+/// `restore` and `backup`; credentials come from the usual `AWS_*`
+/// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+#[derive(Args, Clone, Debug, Default)]
+pub struct S3Args {
+    /// S3-compatible endpoint URL, e.g. http://127.0.0.1:9000 [default: AWS].
+    #[arg(long, env = "STEMEDB_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Region [default: AWS_REGION, else us-east-1].
+    #[arg(long, env = "STEMEDB_S3_REGION")]
+    pub s3_region: Option<String>,
+}
+
+impl S3Args {
+    /// The options for `url`.
+    pub fn remote(&self, url: &str) -> crate::archive::RemoteOptions {
+        crate::archive::RemoteOptions { url: url.to_string(), endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() }
+    }
+}
+
+/// Durations such as `5s`, `500ms` or `1m`, at least 10 ms.
+pub fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration such as 5s or 500ms: {e}"))?;
+    if d < std::time::Duration::from_millis(10) {
+        return Err(format!("{s:?} is too short; use at least 10ms"));
+    }
+    Ok(d)
 }
 
 fn parse_segment_bytes(s: &str) -> Result<u64, String> {

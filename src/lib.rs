@@ -14,6 +14,7 @@
 //! Around them: [`config`] (flags and environment), [`telemetry`] (logs and
 //! metrics), [`cli`] (subcommands) and [`bench`] (load tools).
 
+pub mod archive;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -47,6 +47,11 @@ pub struct UrlArgs {
     pub url: String,
 }
 
+/// Parses `--projection` (`kv`, `lenses`, `search` or `all`).
+pub fn projection_names(p: &str) -> anyhow::Result<Vec<String>> {
+    names(p)
+}
+
 fn names(p: &str) -> anyhow::Result<Vec<String>> {
     if p == "all" {
         return Ok(PROJECTIONS.iter().map(|s| s.to_string()).collect());
@@ -81,15 +86,15 @@ fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().timeout(Duration::from_secs(3600)).build()?)
 }
 
-fn open_slots(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<Vec<Box<dyn Rebuildable>>> {
-    let defs = Definitions::load(a.projections_dir.as_deref()).map_err(|e| anyhow::anyhow!("invalid lens definitions: {e}"))?;
+fn open_slots(data: &DataArgs, projections_dir: Option<&std::path::Path>, names: &[String]) -> anyhow::Result<Vec<Box<dyn Rebuildable>>> {
+    let defs = Definitions::load(projections_dir).map_err(|e| anyhow::anyhow!("invalid lens definitions: {e}"))?;
     let db = data.db_dir();
     let mut out: Vec<Box<dyn Rebuildable>> = Vec::new();
-    for n in names(&a.projection)? {
+    for n in names {
         match n.as_str() {
             "kv" => out.push(Box::new(kv_slot(&db)?)),
             "search" => {
-                let def = crate::projection::search::SearchDefinition::load(a.projections_dir.as_deref())
+                let def = crate::projection::search::SearchDefinition::load(projections_dir)
                     .map_err(|e| anyhow::anyhow!("invalid search definition: {e}"))?;
                 out.push(Box::new(search_slot(&db, def)?))
             }
@@ -113,9 +118,36 @@ fn lock(data: &DataArgs) -> anyhow::Result<DirLock> {
 
 fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
     let _lock = lock(data)?;
+    let summary = rebuild_offline_projections(data, a.projections_dir.as_deref(), &names(&a.projection)?, true)?;
+    // One JSON line per projection, then the total.
+    for p in summary["projections"].as_array().into_iter().flatten() {
+        println!("{p}");
+    }
+    let names: Vec<&Value> = summary["projections"].as_array().into_iter().flatten().map(|p| &p["projection"]).collect();
+    println!(
+        "{}",
+        json!({"projections": names, "events": summary["events"], "seconds": summary["seconds"], "events_per_sec": summary["events_per_sec"]})
+    );
+    Ok(0)
+}
+
+/// Rebuilds `names` on the data directory `data` from its whole log, side
+/// by side, one thread each; returns a JSON summary (events, seconds,
+/// events/s). The caller holds the WAL lock: `admin rebuild-projections`
+/// and `restore` both end here.
+pub fn rebuild_offline_projections(
+    data: &DataArgs,
+    projections_dir: Option<&std::path::Path>,
+    names: &[String],
+    show_progress: bool,
+) -> anyhow::Result<serde_json::Value> {
     let head = log_head(data)?;
-    let slots = open_slots(data, a)?;
-    let bars = indicatif::MultiProgress::new();
+    let slots = open_slots(data, projections_dir, names)?;
+    let bars = if show_progress {
+        indicatif::MultiProgress::new()
+    } else {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+    };
     let style = indicatif::ProgressStyle::with_template("{prefix:>7} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -140,21 +172,20 @@ fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a rebuild thread panicked")))).collect()
     });
-    for r in results {
-        println!("{}", r?);
-    }
+    let per_projection = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        json!({"projections": slots.iter().map(|s| s.name()).collect::<Vec<_>>(), "events": head, "seconds": secs, "events_per_sec": head as f64 / secs.max(1e-9)})
-    );
-    Ok(0)
+    Ok(json!({
+        "projections": per_projection,
+        "events": head,
+        "seconds": secs,
+        "events_per_sec": head as f64 / secs.max(1e-9),
+    }))
 }
 
 fn verify_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
     let _lock = lock(data)?;
     let mut ok = true;
-    for slot in open_slots(data, a)? {
+    for slot in open_slots(data, a.projections_dir.as_deref(), &names(&a.projection)?)? {
         let c = slot.verify(&data.wal_dir())?;
         ok &= c.equal;
         println!("{}", serde_json::to_string(&c)?);

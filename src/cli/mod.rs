@@ -1,6 +1,7 @@
 //! The `stemedb` command line: one subcommand per module.
 
 pub mod admin;
+pub mod backup;
 pub mod serve;
 pub mod wal;
 
@@ -31,6 +32,12 @@ pub enum Command {
     /// Projection rebuilds, status and verification.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Restore a data directory from an archive, to its latest state or to a
+    /// point in time, and rebuild its projections.
+    Restore(backup::RestoreArgs),
+    /// Inspect and manage a shipped archive (`s3://bucket/prefix`).
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
     /// Load tools (run against a live server).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -42,6 +49,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(args) => serve::run(&cli.data, args),
         Command::Wal(cmd) => wal::run(&cli.data, cmd),
         Command::Admin(cmd) => admin::run(&cli.data, cmd),
+        Command::Restore(args) => backup::restore(&cli.data, args),
+        Command::Backup(cmd) => backup::backup(&cli.data, cmd),
         Command::Bench(cmd) => crate::bench::run(cmd),
     }
 }

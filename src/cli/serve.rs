@@ -3,8 +3,11 @@
 
 use anyhow::Context;
 
+use crate::archive::Remote;
+use crate::archive::follower::{self, FollowConfig, Follower};
+use crate::archive::shipper::{ShipConfig, Shipper};
 use crate::config::{DataArgs, ServeArgs, WalSync};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Role};
 use crate::ingest::{Ingest, IngestOptions};
 use crate::model::parse::ParseOptions;
 use crate::projection::read_side::ReadSide;
@@ -20,6 +23,16 @@ pub fn run(data: &DataArgs, args: ServeArgs) -> anyhow::Result<i32> {
 
 async fn serve(data: &DataArgs, args: ServeArgs) -> anyhow::Result<()> {
     let metrics = crate::telemetry::init_metrics()?;
+    if let Some(url) = args.follow.clone() {
+        return follow(data, args, &url, metrics).await;
+    }
+    if let Some(url) = follower::following(&data.data_dir) {
+        anyhow::bail!(
+            "{} is a follower's data directory (it follows {url}); start it with --follow {url} (STEMEDB_FOLLOW), \
+             or promote it to a writer as docs/operations/backup-and-restore.md describes",
+            data.data_dir.display()
+        );
+    }
     if args.wal_sync == WalSync::Never {
         tracing::warn!(
             "STEMEDB_WAL_SYNC=never: writes are acknowledged WITHOUT fdatasync; a power loss or kernel crash loses acknowledged data. Use only for benchmarks."
@@ -33,25 +46,76 @@ async fn serve(data: &DataArgs, args: ServeArgs) -> anyhow::Result<()> {
         max_group_events: 65_536,
     })
     .with_context(|| format!("cannot open the data directory {}", data.data_dir.display()))?;
-    let defs = crate::lens::Definitions::load(args.projections_dir.as_deref())
-        .map_err(|e| anyhow::anyhow!("invalid lens definitions (STEMEDB_PROJECTIONS_DIR): {e}"))?;
-    let search_def = crate::projection::search::SearchDefinition::load(args.projections_dir.as_deref())
-        .map_err(|e| anyhow::anyhow!("invalid search definition (STEMEDB_PROJECTIONS_DIR): {e}"))?;
-    let read = std::sync::Arc::new(
-        ReadSide::start_with(&data.db_dir(), &data.wal_dir(), &ingest, defs, search_def)
-            .context("cannot open the projections (STEMEDB_DB_DIR)")?,
-    );
-    let listener =
-        tokio::net::TcpListener::bind(args.bind).await.with_context(|| format!("cannot listen on {} (STEMEDB_BIND_ADDR)", args.bind))?;
-    tracing::info!(addr = %listener.local_addr()?, data_dir = %data.data_dir.display(), position = ingest.committed_position(), "StemeDB listening");
+    let shipper = match &args.s3_url {
+        None => None,
+        Some(url) => {
+            let remote = Remote::connect(&args.s3.remote(url)).context("STEMEDB_S3_URL")?;
+            let cfg = ShipConfig { remote, wal_dir: data.wal_dir(), interval: args.s3_ship_interval };
+            match Shipper::start(cfg, ingest.clone()).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    ingest.shutdown().await;
+                    return Err(anyhow::anyhow!("cannot ship the WAL to {url}: {e}"));
+                }
+            }
+        }
+    };
+    let read = std::sync::Arc::new(open_read_side(data, &args, ingest.feed(&data.wal_dir()))?);
     let state = AppState {
-        ingest: ingest.clone(),
+        role: Role::Writer(ingest.clone()),
+        shipping: shipper.as_ref().map(|s| s.status.clone()),
         parse_options: ParseOptions { require_signatures: args.require_signatures },
         metrics,
         read: read.clone(),
         ready_max_lag: args.ready_max_lag,
         admin_enabled: args.admin_enabled || args.bind.ip().is_loopback(),
+        follow_max_silence: args.follow_max_silence,
     };
+    listen_and_serve(data, &args, state).await?;
+    tracing::info!("HTTP server stopped; finishing queued commits");
+    if let Some(s) = shipper {
+        // Everything acknowledged is committed now: seal and ship it, so a
+        // clean stop loses nothing even if this machine never comes back.
+        s.finish(std::time::Duration::from_secs(20)).await;
+    }
+    ingest.shutdown().await;
+    // Workers apply what the committer made durable, then exit.
+    let r = read.clone();
+    tokio::task::spawn_blocking(move || r.join()).await?;
+    tracing::info!(position = ingest.committed_position(), "shut down cleanly");
+    Ok(())
+}
+
+/// A read-only node: download the archive's log, project it, serve reads.
+async fn follow(data: &DataArgs, args: ServeArgs, url: &str, metrics: metrics_exporter_prometheus::PrometheusHandle) -> anyhow::Result<()> {
+    let remote = Remote::connect(&args.s3.remote(url)).context("STEMEDB_FOLLOW")?;
+    let cfg = FollowConfig { remote, data_dir: data.data_dir.clone(), wal_dir: data.wal_dir(), poll: args.follow_poll_interval };
+    let follower = Follower::start(cfg).await.with_context(|| format!("cannot follow {url}"))?;
+    let read = std::sync::Arc::new(open_read_side(data, &args, follower.feed())?);
+    let state = AppState {
+        role: Role::Follower(follower.status.clone()),
+        shipping: None,
+        parse_options: ParseOptions { require_signatures: args.require_signatures },
+        metrics,
+        read: read.clone(),
+        ready_max_lag: args.ready_max_lag,
+        admin_enabled: args.admin_enabled || args.bind.ip().is_loopback(),
+        follow_max_silence: args.follow_max_silence,
+    };
+    listen_and_serve(data, &args, state).await?;
+    follower.shutdown().await;
+    let r = read.clone();
+    tokio::task::spawn_blocking(move || r.join()).await?;
+    tracing::info!("follower shut down cleanly");
+    Ok(())
+}
+
+fn open_read_side(data: &DataArgs, args: &ServeArgs, feed: crate::projection::worker::LogFeed) -> anyhow::Result<ReadSide> {
+    let defs = crate::lens::Definitions::load(args.projections_dir.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid lens definitions (STEMEDB_PROJECTIONS_DIR): {e}"))?;
+    let search_def = crate::projection::search::SearchDefinition::load(args.projections_dir.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid search definition (STEMEDB_PROJECTIONS_DIR): {e}"))?;
+    let read = ReadSide::start_with(&data.db_dir(), feed, defs, search_def).context("cannot open the projections (STEMEDB_DB_DIR)")?;
     let stale: Vec<String> =
         crate::projection::read_side::PROJECTIONS.iter().filter(|p| read.stale(p).is_some()).map(|p| p.to_string()).collect();
     if !stale.is_empty() {
@@ -64,13 +128,18 @@ async fn serve(data: &DataArgs, args: ServeArgs) -> anyhow::Result<()> {
             tracing::warn!(projections = ?stale, "stale projections are not served; run `stemedb admin rebuild-projections` or set STEMEDB_AUTO_REBUILD=true");
         }
     }
+    Ok(read)
+}
+
+async fn listen_and_serve(data: &DataArgs, args: &ServeArgs, state: AppState) -> anyhow::Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind(args.bind).await.with_context(|| format!("cannot listen on {} (STEMEDB_BIND_ADDR)", args.bind))?;
+    let role = match state.role {
+        Role::Writer(_) => "writer",
+        Role::Follower(_) => "follower",
+    };
+    tracing::info!(addr = %listener.local_addr()?, data_dir = %data.data_dir.display(), position = state.head(), role, "StemeDB listening");
     http::serve(listener, state, shutdown_signal()).await?;
-    tracing::info!("HTTP server stopped; finishing queued commits");
-    ingest.shutdown().await;
-    // Workers apply what the committer made durable, then exit.
-    let r = read.clone();
-    tokio::task::spawn_blocking(move || r.join()).await?;
-    tracing::info!(position = ingest.committed_position(), "shut down cleanly");
     Ok(())
 }
 

@@ -82,7 +82,7 @@ pub async fn rebuild(State(st): State<AppState>, headers: HeaderMap, body: Body)
 /// `GET /v1/admin/projections`
 pub async fn projections(State(st): State<AppState>) -> Result<Json<Value>, Problem> {
     gate(&st)?;
-    let head = st.ingest.committed_position();
+    let head = st.head();
     let list: Vec<Value> = st
         .read
         .status()

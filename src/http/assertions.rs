@@ -65,13 +65,15 @@ fn ingest_problem(e: IngestError, batch: bool) -> Problem {
 
 /// `POST /v1/assertions`
 pub async fn create(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
+    // A follower refuses before reading the body: the write belongs elsewhere.
+    st.writer()?;
     let v = super::body::read_json(&headers, body, MAX_SINGLE_BYTES).await?;
     let (id, assertion) = parse::parse_assertion(&v, st.parse_options).map_err(|errs| {
         let detail = errs.iter().map(|e| format!("{}: {}", e.field, e.reason)).collect::<Vec<_>>().join("; ");
         invalid(detail, field_errors(None, &errs))
     })?;
     let Committed { outcomes, recorded_at } =
-        st.ingest.submit(vec![Item::Assert { id, assertion: Box::new(assertion) }]).await.map_err(|e| ingest_problem(e, false))?;
+        st.writer()?.submit(vec![Item::Assert { id, assertion: Box::new(assertion) }]).await.map_err(|e| ingest_problem(e, false))?;
     let Some(outcome) = outcomes.first() else { return Err(Problem::unavailable("no outcome")) };
     Ok(match outcome {
         Outcome::Created { position } => (
@@ -87,6 +89,8 @@ pub async fn create(State(st): State<AppState>, headers: HeaderMap, body: Body) 
 
 /// `POST /v1/assertions/batch`
 pub async fn create_batch(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
+    // A follower refuses before reading the body: the write belongs elsewhere.
+    st.writer()?;
     let v = super::body::read_json(&headers, body, MAX_BATCH_BYTES).await?;
     let opts = st.parse_options;
     let validate = move || validate_batch(v, opts);
@@ -100,7 +104,7 @@ pub async fn create_batch(State(st): State<AppState>, headers: HeaderMap, body: 
             Item::Retract(_) => None,
         })
         .collect();
-    let Committed { outcomes, recorded_at } = st.ingest.submit(items).await.map_err(|e| ingest_problem(e, true))?;
+    let Committed { outcomes, recorded_at } = st.writer()?.submit(items).await.map_err(|e| ingest_problem(e, true))?;
     let results: Vec<Value> = ids
         .iter()
         .zip(&outcomes)
@@ -154,6 +158,8 @@ fn validate_batch(v: Value, opts: parse::ParseOptions) -> Result<Vec<Item>, Prob
 
 /// `POST /v1/assertions/{id}/retractions`
 pub async fn retract(State(st): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Result<Response, Problem> {
+    // A follower refuses before reading the body: the write belongs elsewhere.
+    st.writer()?;
     let id: AssertionId = id.parse().map_err(|e: crate::model::id::BadId| {
         Problem::new(StatusCode::NOT_FOUND, "not-found", "No such assertion", format!("{id:?} is not an assertion id: {e}"))
     })?;
@@ -162,7 +168,7 @@ pub async fn retract(State(st): State<AppState>, Path(id): Path<String>, headers
         let detail = errs.iter().map(|e| format!("{}: {}", e.field, e.reason)).collect::<Vec<_>>().join("; ");
         invalid(detail, field_errors(None, &errs))
     })?;
-    let Committed { outcomes, recorded_at } = st.ingest.submit(vec![Item::Retract(r)]).await.map_err(|e| ingest_problem(e, false))?;
+    let Committed { outcomes, recorded_at } = st.writer()?.submit(vec![Item::Retract(r)]).await.map_err(|e| ingest_problem(e, false))?;
     let Some(outcome) = outcomes.first() else { return Err(Problem::unavailable("no outcome")) };
     Ok(match outcome {
         Outcome::Created { position } => (

@@ -17,7 +17,7 @@ pub async fn wait(st: &AppState, params: &Params, projections: &[&str]) -> Resul
         }
     }
     let Some((position, timeout)) = params.consistency()? else { return Ok(()) };
-    let head = st.ingest.committed_position();
+    let head = st.head();
     if position > head {
         // Waiting cannot help for a position the log has not reached; this
         // is a client error unless a write is in flight, so still wait.

@@ -28,11 +28,22 @@ use crate::ingest::Ingest;
 use crate::model::parse::ParseOptions;
 use problem::Problem;
 
+/// Whether this node accepts writes.
+#[derive(Clone)]
+pub enum Role {
+    /// The one writer: owns the log.
+    Writer(Ingest),
+    /// A read replica following an archive; writes go to the writer.
+    Follower(std::sync::Arc<crate::archive::follower::FollowStatus>),
+}
+
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    /// The write path.
-    pub ingest: Ingest,
+    /// Writer or follower.
+    pub role: Role,
+    /// The shipper's progress, when this writer ships its log.
+    pub shipping: Option<std::sync::Arc<crate::archive::shipper::ShipStatus>>,
     /// Validation policy.
     pub parse_options: ParseOptions,
     /// Renders `/metrics`.
@@ -43,6 +54,27 @@ pub struct AppState {
     pub ready_max_lag: u64,
     /// Whether `/v1/admin/` is served.
     pub admin_enabled: bool,
+    /// A follower is not ready after this long without a successful poll.
+    pub follow_max_silence: std::time::Duration,
+}
+
+impl AppState {
+    /// The last position of the log this node serves: committed (writer)
+    /// or downloaded (follower).
+    pub fn head(&self) -> u64 {
+        match &self.role {
+            Role::Writer(i) => i.committed_position(),
+            Role::Follower(f) => f.position(),
+        }
+    }
+
+    /// The write path, or the problem a follower answers to a write.
+    pub fn writer(&self) -> Result<&Ingest, Problem> {
+        match &self.role {
+            Role::Writer(i) => Ok(i),
+            Role::Follower(f) => Err(Problem::read_only(f.url())),
+        }
+    }
 }
 
 /// All routes.

@@ -24,12 +24,14 @@ pub struct Problem {
     pub extra: Map<String, Value>,
     /// Seconds for `Retry-After`, when retrying makes sense.
     pub retry_after: Option<u64>,
+    /// The `Allow` header of a 405.
+    pub allow: Option<&'static str>,
 }
 
 impl Problem {
     /// A problem with no extension members.
     pub fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: impl Into<String>) -> Problem {
-        Problem { status, kind, title, detail: detail.into(), extra: Map::new(), retry_after: None }
+        Problem { status, kind, title, detail: detail.into(), extra: Map::new(), retry_after: None, allow: None }
     }
 
     /// Adds an extension member.
@@ -64,6 +66,21 @@ impl Problem {
         )
     }
 
+    /// 405 for a write sent to a read-only follower: the detail names the
+    /// archive it follows, whose writer takes the write.
+    pub fn read_only(archive: &str) -> Problem {
+        let mut p = Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "read-only-replica",
+            "This node is a read-only follower",
+            format!("this node is a read-only follower of {archive}; send writes to the writer that ships to that archive"),
+        )
+        .with("role", "follower")
+        .with("archive", archive);
+        p.allow = Some("GET, HEAD");
+        p
+    }
+
     /// 503: the log is not accepting writes.
     pub fn unavailable(detail: impl Into<String>) -> Problem {
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", detail).retry_after(1)
@@ -81,6 +98,9 @@ impl IntoResponse for Problem {
         let bytes = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
         let mut resp = (self.status, bytes).into_response();
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(a) = self.allow {
+            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(a));
+        }
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

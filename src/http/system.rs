@@ -6,14 +6,22 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::AppState;
+use super::{AppState, Role};
 
 /// `GET /v1/health`: the process is up and the log is writable. After a
 /// failed write or fsync the writer refuses work until a restart, and
 /// health says so with a 503.
 pub async fn health(State(st): State<AppState>) -> Response {
-    let body = |status: &str| json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "position": st.ingest.committed_position()});
-    match st.ingest.failure() {
+    let body = |status: &str| {
+        let mut b = json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "position": st.head()});
+        decorate(&st, &mut b);
+        b
+    };
+    let failure = match &st.role {
+        Role::Writer(i) => i.failure(),
+        Role::Follower(_) => None,
+    };
+    match failure {
         None => Json(body("healthy")).into_response(),
         Some(why) => {
             let mut b = body("unhealthy");
@@ -27,7 +35,7 @@ pub async fn health(State(st): State<AppState>) -> Response {
 /// of the committed head and none is failing; otherwise 503 naming the
 /// lagging projection, so a load balancer stops routing reads here.
 pub async fn ready(State(st): State<AppState>) -> Response {
-    let head = st.ingest.committed_position();
+    let head = st.head();
     let status = st.read.status();
     let lagging: Vec<&str> =
         status.iter().filter(|p| p.failing || head.saturating_sub(p.position) > st.ready_max_lag).map(|p| p.name).collect();
@@ -35,8 +43,31 @@ pub async fn ready(State(st): State<AppState>) -> Response {
         .iter()
         .map(|p| (p.name.to_string(), json!({"position": p.position, "lag": head.saturating_sub(p.position), "failing": p.failing})))
         .collect();
+    // A follower that has not heard from the archive for a while serves
+    // ever older data: take it out of rotation.
+    let silent = match &st.role {
+        Role::Follower(f) => f.since_last_poll().is_none_or(|d| d > st.follow_max_silence),
+        Role::Writer(_) => false,
+    };
+    if silent {
+        let mut p = super::problem::Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            format!("this follower has not read the archive successfully in the last {} s", st.follow_max_silence.as_secs()),
+        )
+        .with("position", head)
+        .with("projections", &projections)
+        .retry_after(1);
+        if let Role::Follower(f) = &st.role {
+            p = p.with("follow", f.view());
+        }
+        return p.into_response();
+    }
     if lagging.is_empty() {
-        Json(json!({"status": "ready", "position": head, "projections": projections})).into_response()
+        let mut b = json!({"status": "ready", "position": head, "projections": projections});
+        decorate(&st, &mut b);
+        Json(b).into_response()
     } else {
         super::problem::Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -49,6 +80,23 @@ pub async fn ready(State(st): State<AppState>) -> Response {
         .with("projections", projections)
         .retry_after(1)
         .into_response()
+    }
+}
+
+/// Adds the node's role, and its shipping or following progress, to a
+/// health or readiness body.
+fn decorate(st: &AppState, b: &mut serde_json::Value) {
+    match &st.role {
+        Role::Writer(_) => {
+            b["role"] = json!("writer");
+            if let Some(s) = &st.shipping {
+                b["shipping"] = s.view();
+            }
+        }
+        Role::Follower(f) => {
+            b["role"] = json!("follower");
+            b["follow"] = f.view();
+        }
     }
 }
 

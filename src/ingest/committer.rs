@@ -120,6 +120,9 @@ struct Job {
 
 enum Msg {
     Job(Job),
+    /// Seal the active segment (if it holds records) so it can be shipped;
+    /// answers whether a segment was sealed.
+    Seal(oneshot::Sender<Result<bool, String>>),
     /// Finish what is queued, then exit.
     Stop,
 }
@@ -173,6 +176,22 @@ impl Ingest {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Msg::Job(Job { items, reply })).await.map_err(|_| IngestError::Unavailable("shutting down".into()))?;
         rx.await.map_err(|_| IngestError::Unavailable("the committer stopped".into()))?
+    }
+
+    /// Seals the active WAL segment if it holds any record, so that the
+    /// archive shipper can upload it; returns whether a segment was sealed.
+    /// It goes through the committer's queue because the committer alone
+    /// owns the writer, so a seal never races an append.
+    pub async fn seal(&self) -> Result<bool, IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Seal(reply)).await.map_err(|_| IngestError::Unavailable("shutting down".into()))?;
+        rx.await.map_err(|_| IngestError::Unavailable("the committer stopped".into()))?.map_err(IngestError::Unavailable)
+    }
+
+    /// What projection workers follow: this log's directory, committed
+    /// head and commit notifications.
+    pub fn feed(&self, wal_dir: &std::path::Path) -> crate::projection::worker::LogFeed {
+        crate::projection::worker::LogFeed { wal_dir: wal_dir.to_path_buf(), committed: self.committed_handle(), notify: self.subscribe() }
     }
 
     /// Why the log stopped accepting writes, if it did (health reports it).
@@ -327,6 +346,10 @@ fn run(
     while !stopping {
         let first = match rx.blocking_recv() {
             Some(Msg::Job(j)) => j,
+            Some(Msg::Seal(reply)) => {
+                let _ = reply.send(seal(&mut writer, &failure));
+                continue;
+            }
             Some(Msg::Stop) => {
                 // Drain what was queued before the stop, then exit.
                 rx.close();
@@ -339,12 +362,18 @@ fn run(
             None => break,
         };
         let mut jobs = vec![first];
+        let mut seals = Vec::new();
         let mut events = jobs[0].items.len();
         while events < max_group {
             match rx.try_recv() {
                 Ok(Msg::Job(j)) => {
                     events += j.items.len();
                     jobs.push(j);
+                }
+                Ok(Msg::Seal(reply)) => {
+                    // Sealing commits what is buffered, so it waits for the
+                    // group: answer it after the group below.
+                    seals.push(reply);
                 }
                 Ok(Msg::Stop) => {
                     rx.close();
@@ -356,8 +385,10 @@ fn run(
         if stopping {
             // Closed: everything still queued joins this last group.
             while let Ok(m) = rx.try_recv() {
-                if let Msg::Job(j) = m {
-                    jobs.push(j);
+                match m {
+                    Msg::Job(j) => jobs.push(j),
+                    Msg::Seal(reply) => seals.push(reply),
+                    Msg::Stop => {}
                 }
             }
         }
@@ -422,11 +453,23 @@ fn run(
                 }
             }
         }
+        for reply in seals {
+            let _ = reply.send(seal(&mut writer, &failure));
+        }
     }
     if let Err(e) = writer.commit() {
         tracing::error!(error = %e, "final WAL commit failed");
     }
     tracing::info!(position = writer.committed_position(), "WAL committer stopped");
+}
+
+/// Seals the active segment; a failure poisons the writer like any other
+/// write failure, and health reports it.
+fn seal(writer: &mut WalWriter, failure: &std::sync::OnceLock<String>) -> Result<bool, String> {
+    writer.seal_active().map_err(|e| {
+        let _ = failure.set(e.to_string());
+        e.to_string()
+    })
 }
 
 /// Checks one request and, if it passes, appends its frame. Returns the

@@ -93,17 +93,12 @@ impl ReadSide {
         // The search definition sits beside lenses.toml.
         let dir = std::env::var_os("STEMEDB_PROJECTIONS_DIR").map(std::path::PathBuf::from);
         let search = SearchDefinition::load(dir.as_deref()).map_err(|message| ProjectionError { projection: "search", message })?;
-        Self::start_with(db_dir, wal_dir, ingest, defs, search)
+        Self::start_with(db_dir, ingest.feed(wal_dir), defs, search)
     }
 
-    /// [`ReadSide::start`] with an explicit search definition.
-    pub fn start_with(
-        db_dir: &Path,
-        wal_dir: &Path,
-        ingest: &Ingest,
-        defs: Definitions,
-        search_def: SearchDefinition,
-    ) -> Result<ReadSide, ProjectionError> {
+    /// [`ReadSide::start`] with an explicit search definition and any log
+    /// feed: the writer's own log, or the copy a follower downloads.
+    pub fn start_with(db_dir: &Path, feed: LogFeed, defs: Definitions, search_def: SearchDefinition) -> Result<ReadSide, ProjectionError> {
         let kv = Arc::new(kv_slot(db_dir)?);
         let lenses = Arc::new(lenses_slot(db_dir, defs)?);
         if let Some(why) = lenses.stale() {
@@ -113,7 +108,6 @@ impl ReadSide {
         if let Some(why) = search.stale() {
             tracing::warn!(projection = "search", "{why}; searches answer 503 until it is rebuilt");
         }
-        let feed = LogFeed { wal_dir: wal_dir.to_path_buf(), committed: ingest.committed_handle(), notify: ingest.subscribe() };
         let err = |name: &'static str| move |e: std::io::Error| ProjectionError { projection: name, message: e.to_string() };
         let workers = vec![
             Worker::spawn(kv.clone(), feed.clone(), DEFAULT_BATCH).map_err(err("kv"))?,
