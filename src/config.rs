@@ -115,7 +115,7 @@ pub struct ServeArgs {
 /// How to reach the archive's S3-compatible store. Shared by `serve`,
 /// `restore` and `backup`; credentials come from the usual `AWS_*`
 /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
-#[derive(Args, Clone, Debug, Default)]
+#[derive(Args, Clone, Debug)]
 pub struct S3Args {
     /// S3-compatible endpoint URL, e.g. http://127.0.0.1:9000 [default: AWS].
     #[arg(long, env = "STEMEDB_S3_ENDPOINT")]
@@ -123,12 +123,20 @@ pub struct S3Args {
     /// Region [default: AWS_REGION, else us-east-1].
     #[arg(long, env = "STEMEDB_S3_REGION")]
     pub s3_region: Option<String>,
+    /// Longest wait for one request to the store before it is retried.
+    #[arg(long, env = "STEMEDB_S3_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_interval)]
+    pub s3_request_timeout: std::time::Duration,
 }
 
 impl S3Args {
     /// The options for `url`.
     pub fn remote(&self, url: &str) -> crate::archive::RemoteOptions {
-        crate::archive::RemoteOptions { url: url.to_string(), endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() }
+        crate::archive::RemoteOptions {
+            url: url.to_string(),
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            timeout: Some(self.s3_request_timeout),
+        }
     }
 }
 

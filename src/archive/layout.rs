@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! writer.json                     who may ship here (WriterRecord)
-//! segments/<first:020>.wal        a sealed WAL segment, byte for byte
+//! segments/<first:020>-<gen>.wal  a sealed WAL segment, byte for byte
 //! manifest/<first:020>.json       its ManifestEntry, written after it
 //! ```
 //!
@@ -24,9 +24,12 @@ pub const MANIFEST_DIR: &str = "manifest";
 /// Version of the JSON documents below.
 pub const FORMAT: u32 = 1;
 
-/// The key of the segment object starting at `first_position`.
-pub fn segment_key(first_position: u64) -> String {
-    format!("{SEGMENTS_DIR}/{first_position:020}.wal")
+/// The key of the segment object starting at `first_position`, shipped by
+/// writer generation `generation`. The generation is in the name so that a
+/// fenced writer's last, unlisted upload can never occupy the key its
+/// successor needs.
+pub fn segment_key(first_position: u64, generation: u64) -> String {
+    format!("{SEGMENTS_DIR}/{first_position:020}-{generation}.wal")
 }
 
 /// The key of the manifest entry of the segment starting at `first_position`.
@@ -97,7 +100,7 @@ pub fn check_continuity(entries: &[ManifestEntry]) -> Result<(), String> {
                 expected - 1
             ));
         }
-        if e.last_position < e.first_position || e.object != segment_key(e.first_position) {
+        if e.last_position < e.first_position || e.object != segment_key(e.first_position, e.generation) {
             return Err(format!("{}: inconsistent entry (positions or object name)", manifest_key(e.first_position)));
         }
         expected = e.last_position + 1;
@@ -113,7 +116,7 @@ mod tests {
         let t = Utc::now();
         ManifestEntry {
             format: FORMAT,
-            object: segment_key(first),
+            object: segment_key(first, 1),
             first_position: first,
             last_position: last,
             first_recorded_at: t,
@@ -131,7 +134,7 @@ mod tests {
         assert_eq!(manifest_first_position(&manifest_key(42)), Some(42));
         assert!(manifest_key(9) < manifest_key(10));
         assert_eq!(manifest_first_position("manifest/12.json"), None);
-        assert_eq!(manifest_first_position("segments/00000000000000000001.wal"), None);
+        assert_eq!(manifest_first_position(&segment_key(1, 1)), None);
     }
 
     #[test]

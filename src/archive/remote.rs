@@ -73,6 +73,8 @@ pub struct RemoteOptions {
     pub endpoint: Option<String>,
     /// The region; `AWS_REGION`, else `us-east-1`.
     pub region: Option<String>,
+    /// Longest wait for one request; `None` for the default (60 s).
+    pub timeout: Option<Duration>,
 }
 
 /// What a create-only put found.
@@ -132,9 +134,10 @@ impl Remote {
         let region = opts.region.clone().or_else(|| std::env::var("AWS_REGION").ok()).unwrap_or_else(|| "us-east-1".into());
         // Requests fail fast so the shipper's own backoff (which never
         // blocks writes) decides what happens next, and a hung server is
-        // noticed within a minute rather than never.
-        let client = ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(120));
-        let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(30), ..Default::default() };
+        // noticed within `timeout` rather than never.
+        let timeout = opts.timeout.unwrap_or(Duration::from_secs(60));
+        let client = ClientOptions::new().with_connect_timeout(timeout.min(Duration::from_secs(5))).with_timeout(timeout);
+        let retry = RetryConfig { max_retries: 3, retry_timeout: (timeout * 3).min(Duration::from_secs(60)), ..Default::default() };
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(&bucket)
             .with_region(region)

@@ -396,7 +396,8 @@ impl Run {
         };
         let checksum = blake3::hash(&bytes).to_hex().to_string();
         let size = bytes.len() as u64;
-        let key = layout::segment_key(s.first_position);
+        let generation = self.claimed.as_ref().map(|r| r.generation).unwrap_or(1);
+        let key = layout::segment_key(s.first_position, generation);
         if self.cfg.remote.create(&key, bytes).await? == Created::AlreadyExists {
             // Ours from an interrupted attempt if the content is the same.
             let theirs = self.cfg.remote.head_checksum(&key).await?.flatten();
@@ -412,7 +413,9 @@ impl Run {
         // Fencing: re-read the writer record right before making the
         // segment part of the manifest, so a writer replaced by a takeover
         // stops here.
-        let generation = self.check_still_owner().await?;
+        if self.check_still_owner().await? != generation {
+            return Err(ArchiveError::Conflict(format!("{}: the writer generation changed under this server", self.cfg.remote.url())));
+        }
         let entry = ManifestEntry {
             format: layout::FORMAT,
             object: key.clone(),

@@ -2,6 +2,9 @@
 //! own temporary data directory, the way a user would.
 #![allow(dead_code)]
 
+pub mod corpus;
+pub mod s3;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -143,6 +146,17 @@ fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
 /// Runs `stemedb <args>` with `STEMEDB_DATA_DIR=data_dir`; returns (exit code, stdout, stderr).
 pub fn run_cli(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin()).args(args).env("STEMEDB_DATA_DIR", data_dir).env("NO_COLOR", "1").output().expect("run stemedb");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// [`run_cli`] with extra environment variables.
+pub fn run_cli_env(data_dir: &Path, args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env("STEMEDB_DATA_DIR", data_dir).env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run stemedb");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
