@@ -385,3 +385,37 @@ fn s3_env_plus(s3: &S3Server, extra: &[(&'static str, String)]) -> Vec<(&'static
     env.extend(extra.iter().cloned());
     env
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nginx_config_routes_writes_to_the_writer_and_reads_to_followers() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = common::client();
+    let writer = start(&dir.path().join("writer"), &writer_env(&s3, "proxy"));
+    let mut fenv = s3.env();
+    fenv.push(("STEMEDB_FOLLOW", s3.url("proxy")));
+    fenv.push(("STEMEDB_FOLLOW_POLL_INTERVAL", "100ms".into()));
+    let mut follower = start(&dir.path().join("follower"), &fenv);
+    // The second follower of the config is down: nginx must route around it.
+    let down = common::free_addr().port();
+    let listen = common::free_addr().port();
+    let conf = common::nginx::config(&dir.path().join("nginx"), listen, writer.addr.port(), [follower.addr.port(), down]);
+    let _nginx = common::nginx::Nginx::start(&conf, listen);
+    let proxy = format!("http://127.0.0.1:{listen}");
+
+    for _ in 0..4 {
+        let (st, _, h) = common::get_json(&c, &format!("{proxy}/v1/health")).await;
+        assert_eq!((st, &h["role"]), (200, &json!("follower")), "reads go to a follower: {h}");
+    }
+    let (st, _, r) = common::post_json(&c, &format!("{proxy}/v1/assertions"), &common::assertion("via", "proxy", json!("x"), "a")).await;
+    assert_eq!(st, 201, "writes go to the writer: {r}");
+    let (id, pos) = (r["id"].as_str().expect("id"), r["position"].as_u64().expect("position"));
+    let (st, _, v) = common::get_json(&c, &format!("{proxy}/v1/assertions/{id}?min_position={pos}&wait_ms=10000")).await;
+    assert_eq!(st, 200, "read-your-write through the proxy: {v}");
+    let (st, _, _) = common::get_json(&c, &format!("{proxy}/v1/admin/projections")).await;
+    assert_eq!(st, 404, "the admin API is not exposed through the proxy");
+
+    follower.kill9();
+    let (st, _, h) = common::get_json(&c, &format!("{proxy}/v1/health")).await;
+    assert_eq!((st, &h["role"]), (200, &json!("writer")), "with every follower down the writer serves reads: {h}");
+}

@@ -1,6 +1,7 @@
 //! Operations files are checked with the real tools an operator would use:
 //! `systemd-analyze verify` for the unit, `promtool` for the alert rules
-//! and their unit tests. `tests/run` installs both.
+//! and their unit tests, `nginx -t` for the proxy config. `tests/run`
+//! installs all three.
 
 use std::path::Path;
 use std::process::Command;
@@ -63,4 +64,22 @@ fn walk(dir: &Path) -> String {
         }
     }
     out
+}
+
+#[path = "common/nginx.rs"]
+mod nginx;
+
+#[test]
+fn nginx_config_checks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = nginx::config(dir.path(), 18080, 18180, [18181, 18182]);
+    let (ok, out) = nginx::check(&conf);
+    assert!(ok, "nginx -t failed on deploy/nginx/stemedb.conf:\n{out}");
+
+    // The check has teeth: a broken directive is refused.
+    let site = dir.path().join("stemedb.conf");
+    let bad = std::fs::read_to_string(&site).expect("read").replace("proxy_next_upstream_tries 3;", "proxy_next_upstream_tries;");
+    std::fs::write(&site, bad).expect("write");
+    let (ok, _) = nginx::check(&conf);
+    assert!(!ok, "a directive without its argument must not pass nginx -t");
 }

@@ -297,6 +297,8 @@ impl Poller {
         }
         if let Ok(mut i) = self.status.inner.lock() {
             let now = Instant::now();
+            let lag = i.behind_since.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
+            metrics::gauge!("stemedb_follow_lag_seconds").set(lag);
             i.last_ok = Some(now);
             i.last_error = None;
             if self.status.head.load(Ordering::Acquire) >= i.archive_position {

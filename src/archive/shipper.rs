@@ -156,6 +156,7 @@ impl Shipper {
                 None
             }
         };
+        metrics::gauge!("stemedb_wal_shipping_fenced").set(0.0);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let run = Run { cfg, ingest: ingest.clone(), status: status.clone(), id, claimed, remote_last: None };
         let task = tokio::spawn(run.main(stop_rx.clone()));
@@ -295,6 +296,7 @@ impl Run {
                     if let Ok(mut i) = self.status.inner.lock() {
                         i.state = ShipState::Fenced;
                     }
+                    metrics::gauge!("stemedb_wal_shipping_fenced").set(1.0);
                     return;
                 }
                 Err(e) => {

@@ -4,6 +4,10 @@
 //! the tool then reads the assertion back with `min_position` set to the
 //! acknowledged position; the time from sending the write to receiving
 //! that read is the write → visible latency a client experiences.
+//!
+//! With `--read-url` pointing at a follower, the reads go there instead, so
+//! the same number measures replication: write → shipped → downloaded →
+//! projected on the follower (the follower lag bound of the archive).
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +23,10 @@ pub struct LagArgs {
     /// Base URL of the server.
     #[arg(long, default_value = "http://127.0.0.1:18180")]
     pub url: String,
+    /// Read the writes back from this server instead (a follower)
+    /// [default: --url].
+    #[arg(long)]
+    pub read_url: Option<String>,
     /// Total writes per second.
     #[arg(long, default_value_t = 10_000)]
     pub rate: u64,
@@ -41,6 +49,7 @@ pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
     for w in 0..args.connections {
         let client = client.clone();
         let url = args.url.clone();
+        let read_url = args.read_url.clone().unwrap_or_else(|| args.url.clone());
         tasks.push(tokio::spawn(async move {
             let mut gen_ = Generator::new(w as u64, nonce ^ ((w as u64 + 1) << 40), 10_000);
             let mut visible = report::new_histogram();
@@ -66,7 +75,7 @@ pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
                     errors += 1;
                     continue;
                 };
-                let r = client.get(format!("{url}/v1/assertions/{id}?min_position={pos}&wait_ms=10000")).send().await;
+                let r = client.get(format!("{read_url}/v1/assertions/{id}?min_position={pos}&wait_ms=10000")).send().await;
                 match r {
                     Ok(r) if r.status().is_success() => {
                         let _ = r.bytes().await;

@@ -69,7 +69,7 @@ pub async fn ready(State(st): State<AppState>) -> Response {
         decorate(&st, &mut b);
         Json(b).into_response()
     } else {
-        super::problem::Problem::new(
+        let mut p = super::problem::Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "not-ready",
             "Not ready",
@@ -78,8 +78,13 @@ pub async fn ready(State(st): State<AppState>) -> Response {
         .with("lagging", lagging)
         .with("position", head)
         .with("projections", projections)
-        .retry_after(1)
-        .into_response()
+        .retry_after(1);
+        let mut extra = json!({});
+        decorate(&st, &mut extra);
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            p = p.with(k, v);
+        }
+        p.into_response()
     }
 }
 
