@@ -102,7 +102,7 @@ pub struct ServeArgs {
     #[arg(long, env = "STEMEDB_FOLLOW")]
     pub follow: Option<String>,
     /// How often a follower polls the archive's manifest.
-    #[arg(long, env = "STEMEDB_FOLLOW_POLL_INTERVAL", default_value = "250ms", value_parser = parse_interval)]
+    #[arg(long, env = "STEMEDB_FOLLOW_POLL_INTERVAL", default_value = "200ms", value_parser = parse_interval)]
     pub follow_poll_interval: std::time::Duration,
     /// A follower is not ready after this long without reading the archive.
     #[arg(long, env = "STEMEDB_FOLLOW_MAX_SILENCE", default_value = "30s", value_parser = parse_interval)]

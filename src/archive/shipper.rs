@@ -268,7 +268,9 @@ struct Run {
 
 impl Run {
     async fn main(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let tick = (self.cfg.interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        // Fine enough that a seal is never much later than the interval asks:
+        // the follower lag bound is the interval plus this lateness.
+        let tick = (self.cfg.interval / 20).clamp(Duration::from_millis(5), Duration::from_millis(100));
         let mut last_seal = Instant::now();
         let mut backoff = Duration::ZERO;
         let mut retry_at = Instant::now();

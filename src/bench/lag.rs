@@ -55,6 +55,7 @@ pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
             let mut visible = report::new_histogram();
             let mut acked = report::new_histogram();
             let (mut ops, mut errors) = (0u64, 0u64);
+            let mut reads = tokio::task::JoinSet::new();
             let mut tick = tokio::time::interval(per_writer);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
             while Instant::now() < deadline {
@@ -75,11 +76,24 @@ pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
                     errors += 1;
                     continue;
                 };
-                let r = client.get(format!("{read_url}/v1/assertions/{id}?min_position={pos}&wait_ms=10000")).send().await;
+                // The read-back runs beside the next writes, so a slow
+                // reader (a follower seconds behind) does not slow the
+                // write rate down.
+                let (client, url) = (client.clone(), format!("{read_url}/v1/assertions/{id}?min_position={pos}&wait_ms=10000"));
+                reads.spawn(async move {
+                    match client.get(url).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            Some(t.elapsed())
+                        }
+                        _ => None,
+                    }
+                });
+            }
+            while let Some(r) = reads.join_next().await {
                 match r {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        let _ = visible.record((t.elapsed().as_micros() as u64).max(1));
+                    Ok(Some(d)) => {
+                        let _ = visible.record((d.as_micros() as u64).max(1));
                         ops += 1;
                     }
                     _ => errors += 1,
