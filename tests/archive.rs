@@ -98,6 +98,7 @@ async fn ship_then_restore_latest_answers_the_same() {
     let restored = dir.path().join("restored");
     let summary = restore(&s3, &restored, "db1", &[]);
     assert_eq!(summary["position"].as_u64(), Some(corpus.last), "{summary}");
+    assert!(restored.join("db/ids.redb").exists(), "restore builds the write path's id index too");
     verify_projections(&restored);
     assert_eq!(common::wal_dump(&restored), {
         writer.terminate();

@@ -227,6 +227,15 @@ impl Ingest {
     }
 }
 
+/// Brings the id index at `index_path` up to the end of the log in
+/// `wal_dir` (a stopped server's, under its lock). `stemedb restore` calls
+/// it so that the restored directory's first start does not spend seconds
+/// indexing a million ids before it accepts writes.
+pub fn build_id_index(wal_dir: &std::path::Path, index_path: &std::path::Path, head: u64) -> anyhow::Result<()> {
+    let mut index = IdIndex::open(index_path)?;
+    catch_up_index(&mut index, wal_dir, head)
+}
+
 /// Re-reads the WAL after the index's checkpoint into the index.
 fn catch_up_index(index: &mut IdIndex, wal_dir: &std::path::Path, head: u64) -> anyhow::Result<()> {
     let mut from = index.checkpoint()?;
