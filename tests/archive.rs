@@ -25,6 +25,14 @@ fn writer_env(s3: &S3Server, prefix: &str) -> Vec<(&'static str, String)> {
     env
 }
 
+/// Environment of a follower of `prefix`, polling every 100 ms.
+fn follower_env(s3: &S3Server, prefix: &str) -> Vec<(&'static str, String)> {
+    let mut env = s3.env();
+    env.push(("STEMEDB_FOLLOW", s3.url(prefix)));
+    env.push(("STEMEDB_FOLLOW_POLL_INTERVAL", "100ms".into()));
+    env
+}
+
 fn start(data: &Path, env: &[(&'static str, String)]) -> common::Server {
     let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     common::Server::start(data, &pairs)
@@ -283,10 +291,7 @@ async fn a_follower_serves_the_writers_answers_and_refuses_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = common::client();
     let writer = start(&dir.path().join("writer"), &writer_env(&s3, "follow"));
-    let mut fenv = s3.env();
-    fenv.push(("STEMEDB_FOLLOW", s3.url("follow")));
-    fenv.push(("STEMEDB_FOLLOW_POLL_INTERVAL", "100ms".into()));
-    let mut follower = start(&dir.path().join("follower"), &fenv);
+    let mut follower = start(&dir.path().join("follower"), &follower_env(&s3, "follow"));
 
     let corpus = corpus::load(&c, &writer, 4, 300, 30, Some(8)).await;
     let on_writer = lens_answers(&c, &writer, &corpus, 30, corpus.last).await;
@@ -393,10 +398,7 @@ async fn the_shipped_nginx_config_routes_writes_to_the_writer_and_reads_to_follo
     let dir = tempfile::tempdir().expect("tempdir");
     let c = common::client();
     let writer = start(&dir.path().join("writer"), &writer_env(&s3, "proxy"));
-    let mut fenv = s3.env();
-    fenv.push(("STEMEDB_FOLLOW", s3.url("proxy")));
-    fenv.push(("STEMEDB_FOLLOW_POLL_INTERVAL", "100ms".into()));
-    let mut follower = start(&dir.path().join("follower"), &fenv);
+    let mut follower = start(&dir.path().join("follower"), &follower_env(&s3, "proxy"));
     // The second follower of the config is down: nginx must route around it.
     let down = common::free_addr().port();
     let listen = common::free_addr().port();

@@ -66,6 +66,8 @@ fn walk(dir: &Path) -> String {
     out
 }
 
+// Only the config check is used here; tests/archive.rs runs nginx.
+#[allow(dead_code)]
 #[path = "common/nginx.rs"]
 mod nginx;
 

@@ -61,16 +61,7 @@ async fn serve(data: &DataArgs, args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let read = std::sync::Arc::new(open_read_side(data, &args, ingest.feed(&data.wal_dir()))?);
-    let state = AppState {
-        role: Role::Writer(ingest.clone()),
-        shipping: shipper.as_ref().map(|s| s.status.clone()),
-        parse_options: ParseOptions { require_signatures: args.require_signatures },
-        metrics,
-        read: read.clone(),
-        ready_max_lag: args.ready_max_lag,
-        admin_enabled: args.admin_enabled || args.bind.ip().is_loopback(),
-        follow_max_silence: args.follow_max_silence,
-    };
+    let state = app_state(&args, Role::Writer(ingest.clone()), shipper.as_ref().map(|s| s.status.clone()), metrics, read.clone());
     listen_and_serve(data, &args, state).await?;
     tracing::info!("HTTP server stopped; finishing queued commits");
     if let Some(s) = shipper {
@@ -92,22 +83,32 @@ async fn follow(data: &DataArgs, args: ServeArgs, url: &str, metrics: metrics_ex
     let cfg = FollowConfig { remote, data_dir: data.data_dir.clone(), wal_dir: data.wal_dir(), poll: args.follow_poll_interval };
     let follower = Follower::start(cfg).await.with_context(|| format!("cannot follow {url}"))?;
     let read = std::sync::Arc::new(open_read_side(data, &args, follower.feed())?);
-    let state = AppState {
-        role: Role::Follower(follower.status.clone()),
-        shipping: None,
-        parse_options: ParseOptions { require_signatures: args.require_signatures },
-        metrics,
-        read: read.clone(),
-        ready_max_lag: args.ready_max_lag,
-        admin_enabled: args.admin_enabled || args.bind.ip().is_loopback(),
-        follow_max_silence: args.follow_max_silence,
-    };
+    let state = app_state(&args, Role::Follower(follower.status.clone()), None, metrics, read.clone());
     listen_and_serve(data, &args, state).await?;
     follower.shutdown().await;
     let r = read.clone();
     tokio::task::spawn_blocking(move || r.join()).await?;
     tracing::info!("follower shut down cleanly");
     Ok(())
+}
+
+fn app_state(
+    args: &ServeArgs,
+    role: Role,
+    shipping: Option<std::sync::Arc<crate::archive::shipper::ShipStatus>>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    read: std::sync::Arc<ReadSide>,
+) -> AppState {
+    AppState {
+        role,
+        shipping,
+        parse_options: ParseOptions { require_signatures: args.require_signatures },
+        metrics,
+        read,
+        ready_max_lag: args.ready_max_lag,
+        admin_enabled: args.admin_enabled || args.bind.ip().is_loopback(),
+        follow_max_silence: args.follow_max_silence,
+    }
 }
 
 fn open_read_side(data: &DataArgs, args: &ServeArgs, feed: crate::projection::worker::LogFeed) -> anyhow::Result<ReadSide> {
