@@ -55,6 +55,15 @@ async fn wait_shipped(c: &reqwest::Client, server: &common::Server, position: u6
     }
 }
 
+/// The value of an unlabelled series in Prometheus text (0 if absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn cli(data: &Path, args: &[&str], s3: &S3Server) -> (i32, String, String) {
     common::run_cli_env(data, args, &s3.env())
 }
@@ -227,9 +236,21 @@ async fn an_outage_of_the_store_loses_nothing() {
     let s3 = S3Server::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let c = common::client();
-    let writer = start(&dir.path().join("writer"), &writer_env(&s3, "outage"));
+    let mut writer = start(&dir.path().join("writer"), &writer_env(&s3, "outage"));
     let first = corpus::load(&c, &writer, 1, 200, 10, None).await;
     wait_shipped(&c, &writer, first.last).await;
+    // kill -9 and restart: shipping resumes after what is already there.
+    let shipped_before = s3.keys("outage/manifest/").len();
+    writer.kill9();
+    writer.restart();
+    let (st, _, r) = common::post_json(&c, &writer.url("/v1/assertions"), &common::assertion("after", "restart", json!("1"), "a")).await;
+    assert_eq!(st, 201, "{r}");
+    wait_shipped(&c, &writer, r["position"].as_u64().expect("position")).await;
+    let (segments, manifest) = (s3.keys("outage/segments/"), s3.keys("outage/manifest/"));
+    assert_eq!(segments.len(), manifest.len(), "no segment uploaded twice or left half-shipped: {segments:?} {manifest:?}");
+    let metrics = c.get(writer.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let uploads = metric(&metrics, "stemedb_wal_shipped_segments_total");
+    assert_eq!(uploads as usize, manifest.len() - shipped_before, "after a restart only new segments are uploaded");
 
     s3.pause();
     // Writes keep being acknowledged while the store is down...
@@ -259,8 +280,7 @@ async fn an_outage_of_the_store_loses_nothing() {
     let r = wait_shipped(&c, &writer, last).await;
     assert!(r["shipping"]["shipped_position"].as_u64() >= Some(last), "{r}");
     let metrics = c.get(writer.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
-    let errors = metrics.lines().find(|l| l.starts_with("stemedb_wal_ship_errors_total")).unwrap_or("");
-    assert!(errors.split_whitespace().last().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) >= 1.0, "{errors}");
+    assert!(metric(&metrics, "stemedb_wal_ship_errors_total") >= 1.0, "failed attempts are counted");
     let restored = dir.path().join("restored");
     let s = restore(&s3, &restored, "outage", &["--projection", "kv"]);
     assert!(s["position"].as_u64() >= Some(last), "{s}");
