@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::config::DataArgs;
 use crate::lens::Definitions;
 use crate::projection::read_side::{PROJECTIONS, kv_slot, lenses_slot, search_slot};
-use crate::projection::rebuild::Rebuildable;
+use crate::projection::rebuild::{Rebuildable, rebuild_offline_many};
 use crate::wal::lock::DirLock;
 
 /// Admin subcommands.
@@ -118,7 +118,16 @@ fn lock(data: &DataArgs) -> anyhow::Result<DirLock> {
 
 fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
     let _lock = lock(data)?;
-    let summary = rebuild_offline_projections(data, a.projections_dir.as_deref(), &names(&a.projection)?, true)?;
+    // `--projection kv,lenses` rebuilds several (in one pass over the log).
+    let mut chosen: Vec<String> = Vec::new();
+    for p in a.projection.split(',') {
+        for n in names(p.trim())? {
+            if !chosen.contains(&n) {
+                chosen.push(n);
+            }
+        }
+    }
+    let summary = rebuild_offline_projections(data, a.projections_dir.as_deref(), &chosen, true)?;
     // One JSON line per projection, then the total.
     for p in summary["projections"].as_array().into_iter().flatten() {
         println!("{p}");
@@ -131,8 +140,9 @@ fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Rebuilds `names` on the data directory `data` from its whole log, side
-/// by side, one thread each; returns a JSON summary (events, seconds,
+/// Rebuilds `names` on the data directory `data` from its whole log in one
+/// pass (decoded once, each projection bulk-loaded by its own thread; see
+/// `projection::rebuild::rebuild_offline_many`); returns a JSON summary (events, seconds,
 /// events/s). The caller holds the WAL lock: `admin rebuild-projections`
 /// and `restore` both end here.
 pub fn rebuild_offline_projections(
@@ -143,7 +153,7 @@ pub fn rebuild_offline_projections(
 ) -> anyhow::Result<serde_json::Value> {
     let head = log_head(data)?;
     let slots = open_slots(data, projections_dir, names)?;
-    let bars = if show_progress {
+    let multi = if show_progress {
         indicatif::MultiProgress::new()
     } else {
         indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
@@ -151,28 +161,34 @@ pub fn rebuild_offline_projections(
     let style = indicatif::ProgressStyle::with_template("{prefix:>7} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ");
+    let bars: Vec<indicatif::ProgressBar> = slots
+        .iter()
+        .map(|slot| {
+            let bar = multi.add(indicatif::ProgressBar::new(head));
+            bar.set_style(style.clone());
+            bar.set_prefix(slot.name());
+            bar
+        })
+        .collect();
     let started = std::time::Instant::now();
-    // Projections are independent: rebuild them side by side, one thread each.
-    let results: Vec<anyhow::Result<serde_json::Value>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = slots
-            .iter()
-            .map(|slot| {
-                let bar = bars.add(indicatif::ProgressBar::new(head));
-                bar.set_style(style.clone());
-                bar.set_prefix(slot.name());
-                let wal = data.wal_dir();
-                scope.spawn(move || {
-                    let t = std::time::Instant::now();
-                    slot.rebuild_offline(&wal, head, &mut |p| bar.set_position(p))?;
-                    bar.finish();
-                    let secs = t.elapsed().as_secs_f64();
-                    Ok(json!({"projection": slot.name(), "events": head, "seconds": secs, "events_per_sec": head as f64 / secs.max(1e-9)}))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a rebuild thread panicked")))).collect()
-    });
-    let per_projection = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    // One pass over the log feeds every projection (decoded once), each
+    // bulk-loaded by its own thread.
+    let chosen: Vec<&dyn Rebuildable> = slots.iter().map(|s| &**s).collect();
+    let times = rebuild_offline_many(&chosen, &data.wal_dir(), head, &|i, p| {
+        if let Some(bar) = bars.get(i) {
+            bar.set_position(p);
+        }
+    })?;
+    let per_projection: Vec<Value> = slots
+        .iter()
+        .zip(times)
+        .zip(&bars)
+        .map(|((slot, t), bar)| {
+            bar.finish();
+            let secs = t.as_secs_f64();
+            json!({"projection": slot.name(), "events": head, "seconds": secs, "events_per_sec": head as f64 / secs.max(1e-9)})
+        })
+        .collect();
     let secs = started.elapsed().as_secs_f64();
     Ok(json!({
         "projections": per_projection,
@@ -185,7 +201,15 @@ pub fn rebuild_offline_projections(
 fn verify_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
     let _lock = lock(data)?;
     let mut ok = true;
-    for slot in open_slots(data, a.projections_dir.as_deref(), &names(&a.projection)?)? {
+    let mut chosen: Vec<String> = Vec::new();
+    for p in a.projection.split(',') {
+        for n in names(p.trim())? {
+            if !chosen.contains(&n) {
+                chosen.push(n);
+            }
+        }
+    }
+    for slot in open_slots(data, a.projections_dir.as_deref(), &chosen)? {
         let c = slot.verify(&data.wal_dir())?;
         ok &= c.equal;
         println!("{}", serde_json::to_string(&c)?);

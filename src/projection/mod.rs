@@ -38,6 +38,60 @@ pub struct ProjectionError {
 /// the process over its memory budget).
 pub const STORE_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
+/// Memory a bulk load may hold in rows not yet written, per store, unless
+/// `STEMEDB_REBUILD_BUFFER_MB` says otherwise. A rebuild of kv + lenses
+/// holds about this much per store plus the redb caches, so it stays under
+/// 1 GiB whatever the log's size; more memory means fewer, larger
+/// transactions (each one rewrites every B-tree leaf it touches).
+pub const BULK_BUFFER_BYTES: usize = 64 * 1024 * 1024;
+
+/// [`BULK_BUFFER_BYTES`], or `STEMEDB_REBUILD_BUFFER_MB` mebibytes.
+pub fn bulk_buffer_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("STEMEDB_REBUILD_BUFFER_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|mb| *mb > 0)
+            .map(|mb| mb * 1024 * 1024)
+            .unwrap_or(BULK_BUFFER_BYTES)
+    })
+}
+
+/// A rough count of the heap bytes an assertion and its copies take while
+/// a bulk load holds it (for [`BULK_BUFFER_BYTES`]; not exact).
+pub(crate) fn approx_bytes(a: &crate::model::Assertion) -> usize {
+    let object = match &a.object {
+        crate::model::Object::Text(t) | crate::model::Object::Entity(t) => t.len(),
+        _ => 0,
+    };
+    let source = a.source.as_ref().map(|s| s.uri.len() + s.hash.as_ref().map_or(0, |h| h.len()) + 64).unwrap_or(0);
+    256 + a.subject.len()
+        + a.predicate.len()
+        + a.agent.len()
+        + object
+        + source
+        + a.signature.as_ref().map_or(0, |s| s.len())
+        + 32 * a.supersedes.len()
+}
+
+/// Applies the log to a fresh store that nobody reads yet (an offline or
+/// shadow rebuild). A store's `apply` must commit every batch, because
+/// readers see each commit; a bulk load may instead hold many batches in
+/// memory (up to [`BULK_BUFFER_BYTES`]) and write them in a few large
+/// sorted transactions, which is what makes a rebuild fast. The rows
+/// written are the same as `apply`'s, so readers and verification cannot
+/// tell how a store was built.
+pub trait BulkLoad: Send {
+    /// Applies the next records (consecutive, right after the previous ones).
+    fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError>;
+
+    /// Writes everything held with the checkpoint, durably; returns the
+    /// checkpoint. Until this returns, a crash may lose any part of the
+    /// load (the store is a shadow, which is deleted at the next start).
+    fn finish(self: Box<Self>) -> Result<u64, ProjectionError>;
+}
+
 /// Receives every row of a store during verification: table number, key
 /// bytes, value bytes; returns false to stop.
 pub type RowVisitor<'a> = dyn FnMut(u8, &[u8], &[u8]) -> bool + 'a;
@@ -62,6 +116,13 @@ pub trait Projection: Send + Sync + 'static {
     /// visible position. Called when the worker goes idle, at a rebuild's
     /// hand-over and at shutdown.
     fn flush(&self) -> Result<u64, ProjectionError>;
+
+    /// A bulk loader for this store, if it has one (see [`BulkLoad`]); the
+    /// caller guarantees nobody reads the store until `finish` returns.
+    /// Stores without one are rebuilt through [`apply`](Self::apply).
+    fn bulk_load(&self) -> Result<Option<Box<dyn BulkLoad + '_>>, ProjectionError> {
+        Ok(None)
+    }
 
     /// If set, the worker calls [`flush`](Self::flush) after this long
     /// without new events, so deferred commits become visible.

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::slot::Slot;
-use super::worker::{DEFAULT_BATCH, LogFeed, replay_into};
+use super::worker::{DEFAULT_BATCH, LogFeed, bulk_replay, replay_into};
 use super::{Projection, ProjectionError};
 
 /// The state of a rebuild job.
@@ -146,11 +146,57 @@ pub trait Rebuildable: Send + Sync {
     /// Builds a shadow and hands it over; returns when it is swapped in,
     /// cancelled or failed.
     fn rebuild_online(&self, feed: &LogFeed, job: &Job) -> Result<bool, ProjectionError>;
-    /// Replays the whole log into a shadow and renames it over the live
-    /// store; the server must not be running.
-    fn rebuild_offline(&self, wal_dir: &std::path::Path, head: u64, progress: &mut dyn FnMut(u64)) -> Result<(), ProjectionError>;
     /// Compares the live store with a replay of the log.
     fn verify(&self, wal_dir: &std::path::Path) -> Result<super::verify::Comparison, ProjectionError>;
+    /// A fresh, empty shadow store (for [`rebuild_offline_many`]).
+    fn open_shadow_store(&self) -> Result<Box<dyn Projection>, ProjectionError>;
+    /// Renames the finished, closed shadow over the live store.
+    fn install_shadow_offline(&self) -> Result<(), ProjectionError>;
+    /// Deletes the shadow store's files.
+    fn remove_shadow(&self);
+}
+
+/// Rebuilds `slots` offline (the caller holds the WAL lock) from one pass
+/// over the log up to `head`: the log is decoded once and every shadow is
+/// bulk-loaded from the same batches (see [`bulk_replay`]). Each finished
+/// shadow is durable before it is renamed over its live store; if any
+/// fails, every shadow is deleted and every live store stays as it was.
+/// `progress(i, position)` reports slot `i`. Returns each slot's time.
+pub fn rebuild_offline_many(
+    slots: &[&dyn Rebuildable],
+    wal_dir: &std::path::Path,
+    head: u64,
+    progress: &(dyn Fn(usize, u64) + Sync),
+) -> Result<Vec<Duration>, ProjectionError> {
+    let built = (|| {
+        let mut shadows = Vec::new();
+        for slot in slots {
+            shadows.push(slot.open_shadow_store()?);
+        }
+        let stores: Vec<&dyn Projection> = shadows.iter().map(|s| &**s).collect();
+        let done = bulk_replay(&stores, wal_dir, head, &|i, p| {
+            progress(i, p);
+            true
+        })?;
+        for s in &shadows {
+            s.flush()?;
+        }
+        Ok(done.into_iter().map(|(_, t)| t).collect::<Vec<_>>())
+    })();
+    match built {
+        Ok(times) => {
+            for slot in slots {
+                slot.install_shadow_offline()?;
+            }
+            Ok(times)
+        }
+        Err(e) => {
+            for slot in slots {
+                slot.remove_shadow();
+            }
+            Err(e)
+        }
+    }
 }
 
 impl<T: Projection> Rebuildable for Slot<T> {
@@ -169,12 +215,26 @@ impl<T: Projection> Rebuildable for Slot<T> {
             loop {
                 let head = feed.committed.load(Ordering::Acquire);
                 progress.target.store(head, Ordering::Relaxed);
-                let reached = replay_into(&shadow, &feed.wal_dir, head, DEFAULT_BATCH, |pos| {
-                    metrics::counter!("stemedb_projection_rebuild_events_total", "projection" => name).increment(pos - last);
-                    last = pos;
-                    progress.done.store(pos, Ordering::Relaxed);
-                    !job.cancelled()
-                })?;
+                let reached = if last == 0 {
+                    // The shadow is private until it is handed over, so
+                    // the first, long pass is a bulk load.
+                    let seen = AtomicU64::new(0);
+                    let done = bulk_replay(&[&shadow], &feed.wal_dir, head, &|_, pos| {
+                        let before = seen.swap(pos, Ordering::Relaxed);
+                        metrics::counter!("stemedb_projection_rebuild_events_total", "projection" => name).increment(pos - before);
+                        progress.done.store(pos, Ordering::Relaxed);
+                        !job.cancelled()
+                    })?;
+                    done.first().map(|d| d.0).unwrap_or(0)
+                } else {
+                    replay_into(&shadow, &feed.wal_dir, head, DEFAULT_BATCH, |pos| {
+                        metrics::counter!("stemedb_projection_rebuild_events_total", "projection" => name).increment(pos - last);
+                        last = pos;
+                        progress.done.store(pos, Ordering::Relaxed);
+                        !job.cancelled()
+                    })?
+                };
+                last = last.max(reached);
                 if job.cancelled() {
                     return Ok(false);
                 }
@@ -216,17 +276,17 @@ impl<T: Projection> Rebuildable for Slot<T> {
         outcome
     }
 
-    fn rebuild_offline(&self, wal_dir: &std::path::Path, head: u64, progress: &mut dyn FnMut(u64)) -> Result<(), ProjectionError> {
-        let name = Slot::name(self);
-        let shadow = self.open_shadow()?;
-        replay_into(&shadow, wal_dir, head, DEFAULT_BATCH, |p| {
-            progress(p);
-            true
-        })?;
-        shadow.flush()?;
-        drop(shadow);
+    fn open_shadow_store(&self) -> Result<Box<dyn Projection>, ProjectionError> {
+        Ok(Box::new(self.open_shadow()?))
+    }
+
+    fn install_shadow_offline(&self) -> Result<(), ProjectionError> {
         super::slot::replace_path(&self.shadow_path(), self.live_path())
-            .map_err(|e| ProjectionError { projection: name, message: format!("cannot install the rebuilt store: {e}") })
+            .map_err(|e| ProjectionError { projection: Slot::name(self), message: format!("cannot install the rebuilt store: {e}") })
+    }
+
+    fn remove_shadow(&self) {
+        self.discard_shadow();
     }
 
     fn verify(&self, wal_dir: &std::path::Path) -> Result<super::verify::Comparison, ProjectionError> {

@@ -134,6 +134,125 @@ pub fn replay_into<T: Projection + ?Sized>(
     Ok(pos)
 }
 
+/// Records per batch a [`bulk_replay`] reads and hands to every store.
+pub const READ_BATCH: usize = 16_384;
+
+/// Replays the log up to `until` into several stores that nobody reads yet
+/// (shadows, verification copies), each from its own checkpoint, decoding
+/// the log once: this thread reads and decodes, and one thread per store
+/// applies the same batches (shared, not copied) through its
+/// [`BulkLoad`](super::BulkLoad) if it has one, else through `apply`.
+/// `progress(i, position)` is called after each batch of store `i`;
+/// returning false stops the replay early. Returns, per store, the last
+/// position applied (durable for a bulk load; call `flush` for the others)
+/// and the time it took.
+pub fn bulk_replay(
+    stores: &[&dyn Projection],
+    wal_dir: &std::path::Path,
+    until: u64,
+    progress: &(dyn Fn(usize, u64) -> bool + Sync),
+) -> Result<Vec<(u64, Duration)>, ProjectionError> {
+    let started = Instant::now();
+    let starts = stores.iter().map(|s| s.checkpoint()).collect::<Result<Vec<u64>, _>>()?;
+    let Some(from) = starts.iter().copied().min() else { return Ok(Vec::new()) };
+    if from >= until {
+        return Ok(starts.into_iter().map(|p| (p, started.elapsed())).collect());
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let mut senders = Vec::new();
+        let mut handles = Vec::new();
+        for (i, store) in stores.iter().enumerate() {
+            // Two batches in flight per store: enough to keep both busy
+            // while bounding the decoded records held in memory.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<LogRecord>>>(2);
+            senders.push(tx);
+            let (start, stop) = (starts[i], &stop);
+            let thread = std::thread::Builder::new()
+                .name(format!("rebuild-{}", store.name()))
+                .spawn_scoped(scope, move || {
+                    let r = consume(*store, rx, start, until, stop, &|p| progress(i, p));
+                    if r.is_err() {
+                        stop.store(true, Ordering::Release);
+                    }
+                    r.map(|p| (p, started.elapsed()))
+                })
+                .map_err(|e| ProjectionError { projection: store.name(), message: e.to_string() })?;
+            handles.push(thread);
+        }
+        let read = (|| {
+            let perr = |e: crate::wal::WalError| ProjectionError { projection: "log", message: e.to_string() };
+            let mut reader = WalReader::open(wal_dir, from + 1).map_err(perr)?;
+            reader.set_until(until);
+            let mut pos = from;
+            while pos < until && !stop.load(Ordering::Acquire) {
+                let mut buf = Vec::with_capacity(READ_BATCH);
+                read_batch(&mut reader, &mut buf, READ_BATCH).map_err(perr)?;
+                let Some(last) = buf.last().map(|r| r.position) else {
+                    return Err(ProjectionError { projection: "log", message: format!("the log ends at {pos}, before position {until}") });
+                };
+                pos = last;
+                let batch = Arc::new(buf);
+                // A store that stopped (error or cancel) drops its receiver.
+                senders.retain(|s| s.send(batch.clone()).is_ok());
+                if senders.is_empty() {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        if read.is_err() {
+            stop.store(true, Ordering::Release);
+        }
+        drop(senders);
+        let results: Vec<Result<(u64, Duration), ProjectionError>> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(ProjectionError { projection: "log", message: "a rebuild thread panicked".into() })))
+            .collect();
+        read?;
+        results.into_iter().collect()
+    })
+}
+
+/// One store's side of [`bulk_replay`].
+fn consume(
+    store: &dyn Projection,
+    rx: std::sync::mpsc::Receiver<Arc<Vec<LogRecord>>>,
+    start: u64,
+    until: u64,
+    stop: &AtomicBool,
+    progress: &dyn Fn(u64) -> bool,
+) -> Result<u64, ProjectionError> {
+    let mut bulk = store.bulk_load()?;
+    let mut pos = start;
+    for batch in rx {
+        if stop.load(Ordering::Acquire) {
+            return Err(ProjectionError { projection: store.name(), message: "stopped: another part of the rebuild failed".into() });
+        }
+        let skip = batch.partition_point(|r| r.position <= pos);
+        let records = &batch[skip..];
+        let Some(last) = records.last().map(|r| r.position) else { continue };
+        match bulk.as_mut() {
+            Some(b) => b.push(records)?,
+            None => {
+                store.apply(records)?;
+            }
+        }
+        pos = last;
+        if !progress(pos) {
+            // Cancelled: nothing more is written; the caller discards the store.
+            return Ok(pos);
+        }
+    }
+    if pos < until {
+        return Err(ProjectionError { projection: store.name(), message: format!("the replay stopped at {pos}, before {until}") });
+    }
+    match bulk {
+        Some(b) => b.finish(),
+        None => Ok(pos),
+    }
+}
+
 enum Wake {
     Event,
     Idle,

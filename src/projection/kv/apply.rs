@@ -1,12 +1,240 @@
-//! Applying log events to the KV view, one redb transaction per batch.
+//! Applying log events to the KV view.
+//!
+//! Events are first applied in memory to a [`Pending`] set of rows, which
+//! is then written in one redb transaction with the checkpoint, each table
+//! in key order. `apply` (the worker) fills and writes one per batch; a
+//! bulk load ([`KvBulk`]) fills one across many batches and writes it only
+//! when it passes [`BULK_BUFFER_BYTES`](crate::projection::BULK_BUFFER_BYTES):
+//! a fresh store then gets a few large sorted transactions instead of one
+//! per batch, so each B-tree leaf is copied and checksummed a few times in
+//! the whole rebuild instead of once per batch.
 
 use std::collections::HashMap;
 
-use redb::{Durability, ReadableTable};
+use redb::{Durability, ReadableDatabase, ReadableTable};
 
 use super::*;
 use crate::model::{Event, LogRecord};
-use crate::projection::{Projection, pair_key};
+use crate::projection::{BulkLoad, Projection, approx_bytes, pair_key};
+
+/// The IDS and RECORDS tables as of the last commit, opened on first need.
+type Committed = Option<(redb::ReadOnlyTable<&'static [u8], u64>, redb::ReadOnlyTable<u64, &'static [u8]>)>;
+
+/// Rows produced by applying consecutive events, not yet written.
+#[derive(Default)]
+pub(crate) struct Pending {
+    /// Position of the first event applied (checked against the checkpoint).
+    first: Option<u64>,
+    /// Position of the last event applied.
+    last: u64,
+    /// Assertions created or modified, by position, written once at the end.
+    dirty: HashMap<u64, StoredAssertion>,
+    /// Ids created since the last write.
+    new_ids: HashMap<AssertionId, u64>,
+    /// position → (id, kind, recorded_at), in log order.
+    log_rows: Vec<(u64, AssertionId, u8, i64)>,
+    // Secondary-index rows are collected and inserted in key order at the
+    // end: a B-tree absorbs sorted inserts touching each leaf once per
+    // transaction, instead of once per row.
+    pair_rows: Vec<(Vec<u8>, (u8, u64))>,
+    subject_rows: Vec<Vec<u8>>,
+    predicate_rows: Vec<Vec<u8>>,
+    agent_rows: Vec<Vec<u8>>,
+    /// Rough memory held, for the bulk loader's budget.
+    bytes: usize,
+}
+
+impl Pending {
+    /// Applies `records` in memory; earlier state is read from `db`'s last commit.
+    fn push(&mut self, db: &Database, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        let Some(first) = records.first().map(|r| r.position) else { return Ok(()) };
+        match self.first {
+            Some(_) if first != self.last + 1 => {
+                return Err(kerr(format!("batch starts at {first} but the previous one ended at {}", self.last)));
+            }
+            Some(_) => {}
+            None => self.first = Some(first),
+        }
+        // Opened only when an event refers to an assertion not applied here.
+        let mut committed: Committed = None;
+        for r in records {
+            match &r.event {
+                Event::AssertionRecorded { id, assertion: a } => {
+                    for s in &a.supersedes {
+                        if let Some(t) = self.load_mut(db, &mut committed, s)? {
+                            t.superseded_by.push(*id);
+                        }
+                    }
+                    let p = r.position;
+                    self.log_rows.push((p, *id, KIND_ASSERTED, ns(&r.recorded_at)));
+                    let pk = pair_key(&a.subject, &a.predicate);
+                    self.pair_rows.push((index_key(&pk, p), (KIND_ASSERTED, p)));
+                    self.subject_rows.push(index_key(a.subject.as_bytes(), p));
+                    self.predicate_rows.push(index_key(a.predicate.as_bytes(), p));
+                    self.agent_rows.push(index_key(a.agent.as_bytes(), p));
+                    self.new_ids.insert(*id, p);
+                    self.bytes += approx_bytes(a) + 2 * pk.len() + 3 * 40 + 64;
+                    self.dirty.insert(
+                        p,
+                        StoredAssertion {
+                            position: p,
+                            recorded_at: r.recorded_at,
+                            assertion: a.clone(),
+                            retraction: None,
+                            superseded_by: Vec::new(),
+                        },
+                    );
+                }
+                Event::AssertionRetracted(rt) => {
+                    self.log_rows.push((r.position, rt.id, KIND_RETRACTED, ns(&r.recorded_at)));
+                    self.bytes += 128 + rt.reason.len();
+                    let position = r.position;
+                    if let Some(t) = self.load_mut(db, &mut committed, &rt.id)? {
+                        let pk = pair_key(&t.assertion.subject, &t.assertion.predicate);
+                        let row = (index_key(&pk, position), (KIND_RETRACTED, t.position));
+                        if t.retraction.is_none() {
+                            t.retraction = Some(StoredRetraction {
+                                position,
+                                recorded_at: r.recorded_at,
+                                agent: rt.agent.clone(),
+                                reason: rt.reason.clone(),
+                                signature: rt.signature.clone(),
+                            });
+                        }
+                        self.pair_rows.push(row);
+                    }
+                }
+            }
+            self.last = r.position;
+        }
+        Ok(())
+    }
+
+    /// The stored assertion `id`, loaded into `dirty` (where it will be
+    /// written back from) if it is not there yet.
+    fn load_mut<'a>(
+        &'a mut self,
+        db: &Database,
+        committed: &mut Committed,
+        id: &AssertionId,
+    ) -> Result<Option<&'a mut StoredAssertion>, ProjectionError> {
+        if committed.is_none() && !self.new_ids.contains_key(id) {
+            let tx = db.begin_read().map_err(kerr)?;
+            *committed = Some((tx.open_table(IDS).map_err(kerr)?, tx.open_table(RECORDS).map_err(kerr)?));
+        }
+        let position = match self.new_ids.get(id) {
+            Some(p) => *p,
+            None => match committed.as_ref().map(|(ids, _)| ids.get(id.0.as_slice())).transpose().map_err(kerr)?.flatten() {
+                Some(v) => v.value(),
+                None => return Ok(None),
+            },
+        };
+        match self.dirty.entry(position) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(Some(e.into_mut())),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                if committed.is_none() {
+                    let tx = db.begin_read().map_err(kerr)?;
+                    *committed = Some((tx.open_table(IDS).map_err(kerr)?, tx.open_table(RECORDS).map_err(kerr)?));
+                }
+                let Some((_, stored)) = committed.as_ref() else { return Ok(None) };
+                let Some(v) = stored.get(position).map_err(kerr)? else { return Ok(None) };
+                let s: StoredAssertion = rmp_serde::from_slice(v.value()).map_err(kerr)?;
+                self.bytes += 512;
+                Ok(Some(slot.insert(s)))
+            }
+        }
+    }
+
+    /// Writes every pending row and the checkpoint in one transaction and
+    /// empties `self`; returns the checkpoint.
+    fn write(&mut self, db: &Database, durability: Durability) -> Result<u64, ProjectionError> {
+        let Some(first) = self.first else { return Err(kerr("nothing to write")) };
+        let last = self.last;
+        let mut tx = db.begin_write().map_err(kerr)?;
+        tx.set_durability(durability).map_err(kerr)?;
+        {
+            let mut meta = tx.open_table(META).map_err(kerr)?;
+            if let Some(cp) = meta.get("checkpoint").map_err(kerr)?.map(|v| v.value())
+                && first != cp + 1
+            {
+                return Err(kerr(format!("batch starts at {first} but the checkpoint is {cp}")));
+            }
+            {
+                let mut log = tx.open_table(LOG).map_err(kerr)?;
+                for (p, id, kind, t) in &self.log_rows {
+                    log.insert(*p, (id.0.as_slice(), *kind, *t)).map_err(kerr)?;
+                }
+            }
+            {
+                let mut ids = tx.open_table(IDS).map_err(kerr)?;
+                let mut id_rows: Vec<(&AssertionId, &u64)> = self.new_ids.iter().collect();
+                id_rows.sort_unstable();
+                for (id, p) in id_rows {
+                    ids.insert(id.0.as_slice(), *p).map_err(kerr)?;
+                }
+            }
+            {
+                let mut by_pair = tx.open_table(BY_PAIR).map_err(kerr)?;
+                self.pair_rows.sort_unstable();
+                for (k, v) in &self.pair_rows {
+                    by_pair.insert(k.as_slice(), *v).map_err(kerr)?;
+                }
+            }
+            for (rows, def) in
+                [(&mut self.subject_rows, BY_SUBJECT), (&mut self.predicate_rows, BY_PREDICATE), (&mut self.agent_rows, BY_AGENT)]
+            {
+                let mut table = tx.open_table(def).map_err(kerr)?;
+                rows.sort_unstable();
+                for k in rows.iter() {
+                    table.insert(k.as_slice(), ()).map_err(kerr)?;
+                }
+            }
+            {
+                let mut stored = tx.open_table(RECORDS).map_err(kerr)?;
+                let mut positions: Vec<&u64> = self.dirty.keys().collect();
+                positions.sort_unstable();
+                let mut bytes = Vec::new();
+                for p in positions {
+                    bytes.clear();
+                    rmp_serde::encode::write_named(&mut bytes, &self.dirty[p]).map_err(kerr)?;
+                    stored.insert(*p, bytes.as_slice()).map_err(kerr)?;
+                }
+            }
+            meta.insert("checkpoint", last).map_err(kerr)?;
+        }
+        tx.commit().map_err(kerr)?;
+        *self = Pending::default();
+        Ok(last)
+    }
+}
+
+/// A bulk load into a [`KvStore`]: see the module documentation.
+pub(crate) struct KvBulk<'a> {
+    store: &'a KvStore,
+    pending: Pending,
+    written: u64,
+}
+
+impl BulkLoad for KvBulk<'_> {
+    fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        self.pending.push(&self.store.db, records)?;
+        if self.pending.bytes >= crate::projection::bulk_buffer_bytes() {
+            // Not durable: the rebuild's last commit is, and until then the
+            // store is a private shadow that a crash discards.
+            self.written = self.pending.write(&self.store.db, Durability::None)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<u64, ProjectionError> {
+        if self.pending.first.is_some() {
+            self.written = self.pending.write(&self.store.db, Durability::Immediate)?;
+        } else {
+            crate::projection::flush_redb(&self.store.db, kerr)?;
+        }
+        Ok(self.written)
+    }
+}
 
 impl Projection for KvStore {
     fn name(&self) -> &'static str {
@@ -14,116 +242,26 @@ impl Projection for KvStore {
     }
 
     fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        use redb::ReadableDatabase;
         let tx = self.db.begin_read().map_err(kerr)?;
         let meta = tx.open_table(META).map_err(kerr)?;
         Ok(meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()).unwrap_or(0))
     }
 
     fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError> {
-        let Some(last) = records.last().map(|r| r.position) else { return self.checkpoint() };
-        let mut tx = self.db.begin_write().map_err(kerr)?;
+        if records.is_empty() {
+            return self.checkpoint();
+        }
+        let mut pending = Pending::default();
+        pending.push(&self.db, records)?;
         // The WAL is the durable copy and the checkpoint lives in the same
         // transaction, so losing a non-durable commit in a crash only means
         // re-applying those events: fsync at most once a second.
-        tx.set_durability(if self.durability.due() { Durability::Immediate } else { Durability::None }).map_err(kerr)?;
-        {
-            let mut stored = tx.open_table(RECORDS).map_err(kerr)?;
-            let mut ids = tx.open_table(IDS).map_err(kerr)?;
-            let mut log = tx.open_table(LOG).map_err(kerr)?;
-            let mut by_pair = tx.open_table(BY_PAIR).map_err(kerr)?;
-            let mut by_subject = tx.open_table(BY_SUBJECT).map_err(kerr)?;
-            let mut by_predicate = tx.open_table(BY_PREDICATE).map_err(kerr)?;
-            let mut by_agent = tx.open_table(BY_AGENT).map_err(kerr)?;
-            let mut meta = tx.open_table(META).map_err(kerr)?;
-            if let Some(cp) = meta.get("checkpoint").map_err(kerr)?.map(|v| v.value())
-                && records[0].position != cp + 1
-            {
-                return Err(kerr(format!("batch starts at {} but the checkpoint is {cp}", records[0].position)));
-            }
-            // Assertions created or modified in this batch, by position,
-            // written once at the end; and the ids this batch created.
-            let mut dirty: HashMap<u64, StoredAssertion> = HashMap::new();
-            let mut new_ids: HashMap<AssertionId, u64> = HashMap::new();
-            // Secondary-index rows are collected and inserted in key order
-            // at the end: a B-tree absorbs sorted inserts touching each leaf
-            // once per batch, instead of once per row.
-            let mut pair_rows: Vec<(Vec<u8>, (u8, u64))> = Vec::new();
-            let mut subject_rows: Vec<Vec<u8>> = Vec::new();
-            let mut predicate_rows: Vec<Vec<u8>> = Vec::new();
-            let mut agent_rows: Vec<Vec<u8>> = Vec::new();
-            for r in records {
-                match &r.event {
-                    Event::AssertionRecorded { id, assertion: a } => {
-                        for s in &a.supersedes {
-                            if let Some(t) = load_mut(&mut dirty, &new_ids, &ids, &stored, s)? {
-                                t.superseded_by.push(*id);
-                            }
-                        }
-                        let p = r.position;
-                        log.insert(p, (id.0.as_slice(), KIND_ASSERTED, ns(&r.recorded_at))).map_err(kerr)?;
-                        let pk = pair_key(&a.subject, &a.predicate);
-                        pair_rows.push((index_key(&pk, p), (KIND_ASSERTED, p)));
-                        subject_rows.push(index_key(a.subject.as_bytes(), p));
-                        predicate_rows.push(index_key(a.predicate.as_bytes(), p));
-                        agent_rows.push(index_key(a.agent.as_bytes(), p));
-                        new_ids.insert(*id, p);
-                        dirty.insert(
-                            p,
-                            StoredAssertion {
-                                position: p,
-                                recorded_at: r.recorded_at,
-                                assertion: a.clone(),
-                                retraction: None,
-                                superseded_by: Vec::new(),
-                            },
-                        );
-                    }
-                    Event::AssertionRetracted(rt) => {
-                        log.insert(r.position, (rt.id.0.as_slice(), KIND_RETRACTED, ns(&r.recorded_at))).map_err(kerr)?;
-                        if let Some(t) = load_mut(&mut dirty, &new_ids, &ids, &stored, &rt.id)? {
-                            let pk = pair_key(&t.assertion.subject, &t.assertion.predicate);
-                            pair_rows.push((index_key(&pk, r.position), (KIND_RETRACTED, t.position)));
-                            if t.retraction.is_none() {
-                                t.retraction = Some(StoredRetraction {
-                                    position: r.position,
-                                    recorded_at: r.recorded_at,
-                                    agent: rt.agent.clone(),
-                                    reason: rt.reason.clone(),
-                                    signature: rt.signature.clone(),
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-            let mut id_rows: Vec<(&AssertionId, &u64)> = new_ids.iter().collect();
-            id_rows.sort_unstable();
-            for (id, p) in id_rows {
-                ids.insert(id.0.as_slice(), *p).map_err(kerr)?;
-            }
-            pair_rows.sort_unstable();
-            for (k, v) in &pair_rows {
-                by_pair.insert(k.as_slice(), *v).map_err(kerr)?;
-            }
-            for (rows, table) in
-                [(&mut subject_rows, &mut by_subject), (&mut predicate_rows, &mut by_predicate), (&mut agent_rows, &mut by_agent)]
-            {
-                rows.sort_unstable();
-                for k in rows.iter() {
-                    table.insert(k.as_slice(), ()).map_err(kerr)?;
-                }
-            }
-            let mut positions: Vec<&u64> = dirty.keys().collect();
-            positions.sort_unstable();
-            for p in positions {
-                let bytes = rmp_serde::to_vec_named(&dirty[p]).map_err(kerr)?;
-                stored.insert(*p, bytes.as_slice()).map_err(kerr)?;
-            }
-            meta.insert("checkpoint", last).map_err(kerr)?;
-        }
-        tx.commit().map_err(kerr)?;
-        Ok(last)
+        pending.write(&self.db, if self.durability.due() { Durability::Immediate } else { Durability::None })
+    }
+
+    fn bulk_load(&self) -> Result<Option<Box<dyn BulkLoad + '_>>, ProjectionError> {
+        let written = self.checkpoint()?;
+        Ok(Some(Box::new(KvBulk { store: self, pending: Pending::default(), written })))
     }
 
     fn flush(&self) -> Result<u64, ProjectionError> {
@@ -133,7 +271,6 @@ impl Projection for KvStore {
 
     fn visit_rows(&self, visit: &mut crate::projection::RowVisitor<'_>) -> Result<u64, ProjectionError> {
         use crate::projection::visit_table;
-        use redb::ReadableDatabase;
         let tx = self.db.begin_read().map_err(kerr)?;
         let _ = visit_table(&tx, RECORDS, 0, visit).map_err(kerr)?
             && visit_table(&tx, IDS, 1, visit).map_err(kerr)?
@@ -145,31 +282,5 @@ impl Projection for KvStore {
             && visit_table(&tx, META, 7, visit).map_err(kerr)?;
         let meta = tx.open_table(META).map_err(kerr)?;
         Ok(meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()).unwrap_or(0))
-    }
-}
-
-/// The stored assertion `id`, loaded into `dirty` (where it will be
-/// written back from) if it is not there yet.
-fn load_mut<'a>(
-    dirty: &'a mut HashMap<u64, StoredAssertion>,
-    new_ids: &HashMap<AssertionId, u64>,
-    ids: &redb::Table<&[u8], u64>,
-    stored: &redb::Table<u64, &[u8]>,
-    id: &AssertionId,
-) -> Result<Option<&'a mut StoredAssertion>, ProjectionError> {
-    let position = match new_ids.get(id) {
-        Some(p) => *p,
-        None => match ids.get(id.0.as_slice()).map_err(kerr)? {
-            Some(v) => v.value(),
-            None => return Ok(None),
-        },
-    };
-    match dirty.entry(position) {
-        std::collections::hash_map::Entry::Occupied(e) => Ok(Some(e.into_mut())),
-        std::collections::hash_map::Entry::Vacant(slot) => {
-            let Some(v) = stored.get(position).map_err(kerr)? else { return Ok(None) };
-            let s: StoredAssertion = rmp_serde::from_slice(v.value()).map_err(kerr)?;
-            Ok(Some(slot.insert(s)))
-        }
     }
 }

@@ -12,10 +12,10 @@ use std::path::Path;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{DurableEvery, Projection, ProjectionError, pair_key, split_pair_key};
+use super::{BulkLoad, DurableEvery, Projection, ProjectionError, pair_key, split_pair_key};
 use crate::lens::resolve::Weighting;
 use crate::lens::{self, Claim, Conflict, Definitions, Lens, LiveSet, Resolution, Winner};
-use crate::model::{Event, LogRecord, Tier};
+use crate::model::{AssertionId, Event, LogRecord, Tier};
 
 const NAME: &str = "lenses";
 /// pair key → (msgpack [`Summary`], msgpack [`LiveSet`]). One table, one
@@ -169,6 +169,153 @@ fn checkpoint_in(tx: &redb::ReadTransaction) -> Result<u64, ProjectionError> {
     Ok(meta.get("checkpoint").map_err(e)?.map(|v| v.value()).unwrap_or(0))
 }
 
+/// Events applied in memory, not yet written: every touched pair's live
+/// set and the ids recorded. `apply` fills and writes one per batch; a bulk
+/// load ([`LensBulk`]) fills one across many batches, so a pair touched
+/// several times is decoded, summarized and written once per transaction.
+#[derive(Default)]
+struct Pending {
+    /// Position of the first event applied (checked against the checkpoint).
+    first: Option<u64>,
+    /// Position of the last event applied.
+    last: u64,
+    /// Live sets of the pairs touched, loaded from the last commit first.
+    touched: HashMap<Vec<u8>, LiveSet>,
+    /// id → pair key of the assertions recorded.
+    owners: HashMap<AssertionId, Vec<u8>>,
+    /// Rough memory held, for the bulk loader's budget.
+    bytes: usize,
+}
+
+impl Pending {
+    /// Applies `records` in memory; earlier state is read from `db`'s last commit.
+    fn push(&mut self, db: &Database, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        let Some(first) = records.first().map(|r| r.position) else { return Ok(()) };
+        match self.first {
+            Some(_) if first != self.last + 1 => {
+                return Err(e(format!("batch starts at {first} but the previous one ended at {}", self.last)));
+            }
+            Some(_) => {}
+            None => self.first = Some(first),
+        }
+        let tx = db.begin_read().map_err(e)?;
+        let pairs = tx.open_table(PAIRS).map_err(e)?;
+        let owners = tx.open_table(OWNERS).map_err(e)?;
+        for r in records {
+            self.last = r.position;
+            let (pk, id) = match &r.event {
+                Event::AssertionRecorded { id, assertion } => (pair_key(&assertion.subject, &assertion.predicate), *id),
+                Event::AssertionRetracted(rt) => match self.owners.get(&rt.id) {
+                    Some(pk) => (pk.clone(), rt.id),
+                    None => match owners.get(rt.id.0.as_slice()).map_err(e)? {
+                        Some(v) => (v.value().to_vec(), rt.id),
+                        None => continue,
+                    },
+                },
+            };
+            let set = match self.touched.entry(pk) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let set = match pairs.get(v.key().as_slice()).map_err(e)? {
+                        Some(row) => {
+                            let bytes = row.value().1;
+                            self.bytes += 2 * bytes.len();
+                            rmp_serde::from_slice(bytes).map_err(e)?
+                        }
+                        None => LiveSet::default(),
+                    };
+                    self.bytes += 96 + 2 * v.key().len();
+                    v.insert(set)
+                }
+            };
+            match &r.event {
+                Event::AssertionRecorded { assertion, .. } => {
+                    set.record(id, r.position, r.recorded_at, assertion);
+                    self.bytes += 192 + assertion.agent.len() + super::approx_bytes(assertion) / 2;
+                    let pk = pair_key(&assertion.subject, &assertion.predicate);
+                    self.bytes += 64 + pk.len();
+                    self.owners.insert(id, pk);
+                }
+                Event::AssertionRetracted(_) => {
+                    set.retract(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the touched pairs (live set and summary) and the new owners
+    /// in key order with the checkpoint, in one transaction, and empties
+    /// `self`; returns the checkpoint.
+    fn write(&mut self, db: &Database, defs: &Definitions, durability: Durability) -> Result<u64, ProjectionError> {
+        let Some(first) = self.first else { return Err(e("nothing to write")) };
+        let last = self.last;
+        let mut tx = db.begin_write().map_err(e)?;
+        tx.set_durability(durability).map_err(e)?;
+        {
+            let mut meta = tx.open_table(META).map_err(e)?;
+            if let Some(cp) = meta.get("checkpoint").map_err(e)?.map(|v| v.value())
+                && first != cp + 1
+            {
+                return Err(e(format!("batch starts at {first} but the checkpoint is {cp}")));
+            }
+            {
+                let mut owners = tx.open_table(OWNERS).map_err(e)?;
+                let mut rows: Vec<(&AssertionId, &Vec<u8>)> = self.owners.iter().collect();
+                rows.sort_unstable();
+                for (id, pk) in rows {
+                    owners.insert(id.0.as_slice(), pk.as_slice()).map_err(e)?;
+                }
+            }
+            let mut pairs = tx.open_table(PAIRS).map_err(e)?;
+            let mut keys: Vec<&Vec<u8>> = self.touched.keys().collect();
+            keys.sort_unstable();
+            let (mut summary, mut live) = (Vec::new(), Vec::new());
+            for pk in keys {
+                let set = &self.touched[pk];
+                summary.clear();
+                live.clear();
+                rmp_serde::encode::write_named(&mut summary, &Summary::of(set, defs)).map_err(e)?;
+                rmp_serde::encode::write_named(&mut live, set).map_err(e)?;
+                pairs.insert(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
+            }
+            meta.insert("checkpoint", last).map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        *self = Pending::default();
+        Ok(last)
+    }
+}
+
+/// A bulk load into a [`LensStore`]: events accumulate in one [`Pending`]
+/// until it passes [`BULK_BUFFER_BYTES`](super::BULK_BUFFER_BYTES), then
+/// are written in one non-durable transaction; `finish` writes the rest
+/// durably.
+struct LensBulk<'a> {
+    store: &'a LensStore,
+    pending: Pending,
+    written: u64,
+}
+
+impl BulkLoad for LensBulk<'_> {
+    fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        self.pending.push(&self.store.db, records)?;
+        if self.pending.bytes >= super::bulk_buffer_bytes() {
+            self.written = self.pending.write(&self.store.db, &self.store.defs, Durability::None)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<u64, ProjectionError> {
+        if self.pending.first.is_some() {
+            self.written = self.pending.write(&self.store.db, &self.store.defs, Durability::Immediate)?;
+        } else {
+            super::flush_redb(&self.store.db, e)?;
+        }
+        Ok(self.written)
+    }
+}
+
 impl Projection for LensStore {
     fn name(&self) -> &'static str {
         NAME
@@ -180,57 +327,17 @@ impl Projection for LensStore {
     }
 
     fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError> {
-        let Some(last) = records.last().map(|r| r.position) else { return self.checkpoint() };
-        let mut tx = self.db.begin_write().map_err(e)?;
-        tx.set_durability(if self.durability.due() { Durability::Immediate } else { Durability::None }).map_err(e)?;
-        {
-            let mut pairs = tx.open_table(PAIRS).map_err(e)?;
-            let mut owners = tx.open_table(OWNERS).map_err(e)?;
-            let mut meta = tx.open_table(META).map_err(e)?;
-            if let Some(cp) = meta.get("checkpoint").map_err(e)?.map(|v| v.value())
-                && records[0].position != cp + 1
-            {
-                return Err(e(format!("batch starts at {} but the checkpoint is {cp}", records[0].position)));
-            }
-            let mut touched: HashMap<Vec<u8>, LiveSet> = HashMap::new();
-            for r in records {
-                let (pk, id) = match &r.event {
-                    Event::AssertionRecorded { id, assertion } => (pair_key(&assertion.subject, &assertion.predicate), *id),
-                    Event::AssertionRetracted(rt) => match owners.get(rt.id.0.as_slice()).map_err(e)? {
-                        Some(v) => (v.value().to_vec(), rt.id),
-                        None => continue,
-                    },
-                };
-                if !touched.contains_key(&pk) {
-                    let set = match pairs.get(pk.as_slice()).map_err(e)? {
-                        Some(v) => rmp_serde::from_slice(v.value().1).map_err(e)?,
-                        None => LiveSet::default(),
-                    };
-                    touched.insert(pk.clone(), set);
-                }
-                let Some(set) = touched.get_mut(&pk) else { continue };
-                match &r.event {
-                    Event::AssertionRecorded { assertion, .. } => {
-                        set.record(id, r.position, r.recorded_at, assertion);
-                        owners.insert(id.0.as_slice(), pk.as_slice()).map_err(e)?;
-                    }
-                    Event::AssertionRetracted(_) => {
-                        set.retract(&id);
-                    }
-                }
-            }
-            let mut keys: Vec<&Vec<u8>> = touched.keys().collect();
-            keys.sort_unstable();
-            for pk in keys {
-                let set = &touched[pk];
-                let summary = rmp_serde::to_vec_named(&Summary::of(set, &self.defs)).map_err(e)?;
-                let live = rmp_serde::to_vec_named(set).map_err(e)?;
-                pairs.insert(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
-            }
-            meta.insert("checkpoint", last).map_err(e)?;
+        if records.is_empty() {
+            return self.checkpoint();
         }
-        tx.commit().map_err(e)?;
-        Ok(last)
+        let mut pending = Pending::default();
+        pending.push(&self.db, records)?;
+        pending.write(&self.db, &self.defs, if self.durability.due() { Durability::Immediate } else { Durability::None })
+    }
+
+    fn bulk_load(&self) -> Result<Option<Box<dyn BulkLoad + '_>>, ProjectionError> {
+        let written = self.checkpoint()?;
+        Ok(Some(Box::new(LensBulk { store: self, pending: Pending::default(), written })))
     }
 
     fn flush(&self) -> Result<u64, ProjectionError> {
