@@ -28,7 +28,7 @@ pub enum AdminCommand {
 /// Which projections, and where.
 #[derive(Args, Debug)]
 pub struct RebuildArgs {
-    /// `kv`, `lenses` or `all`.
+    /// `kv`, `lenses`, `search`, a comma list such as `kv,lenses`, or `all`.
     #[arg(long, default_value = "all")]
     pub projection: String,
     /// A running server's URL; without it, work offline on --data-dir.
@@ -56,10 +56,12 @@ fn names(p: &str) -> anyhow::Result<Vec<String>> {
     if p == "all" {
         return Ok(PROJECTIONS.iter().map(|s| s.to_string()).collect());
     }
-    if !PROJECTIONS.contains(&p) {
-        bail!("unknown projection {p:?}; use one of {} or all", PROJECTIONS.join(", "));
+    // A comma list (`kv,lenses`), kept in start order without repeats.
+    let asked: Vec<&str> = p.split(',').map(str::trim).collect();
+    if let Some(bad) = asked.iter().find(|n| !PROJECTIONS.contains(n)) {
+        bail!("unknown projection {bad:?}; use one or more of {} (comma-separated), or all", PROJECTIONS.join(", "));
     }
-    Ok(vec![p.to_string()])
+    Ok(PROJECTIONS.iter().filter(|n| asked.contains(n)).map(|s| s.to_string()).collect())
 }
 
 /// Runs an admin subcommand.
