@@ -1163,7 +1163,7 @@ async fn unknown_routes_and_methods_are_problems_and_health_reports_position() {
     let (st, ct, h) = get_json(&c, &server.url("/v1/health")).await;
     assert_eq!(st, 200);
     assert!(ct.starts_with("application/json"), "{ct}");
-    assert_eq!(h, json!({"status": "healthy", "version": env!("CARGO_PKG_VERSION"), "position": 0}));
+    assert_eq!(h, json!({"status": "healthy", "version": env!("CARGO_PKG_VERSION"), "position": 0, "role": "writer"}));
     assert_created(&post_json(&c, &server.url("/v1/assertions"), &base()).await, "one write");
     let (_, _, h) = get_json(&c, &server.url("/v1/health")).await;
     assert_eq!(h["position"], 1);
