@@ -214,3 +214,17 @@ pub(crate) fn flush_redb(db: &redb::Database, err: fn(String) -> ProjectionError
     tx.set_durability(redb::Durability::Immediate).map_err(|x| err(x.to_string()))?;
     tx.commit().map_err(|x| err(x.to_string()))
 }
+
+/// Checks that a batch starting at `first` continues the pending bulk-load
+/// work that ended at `last` (or records it as the start), so buffered rows
+/// never skip or repeat an event.
+pub fn check_continues(started: &mut Option<u64>, last: u64, first: u64) -> Result<(), String> {
+    match started {
+        Some(_) if first != last + 1 => Err(format!("batch starts at {first} but the previous one ended at {last}")),
+        Some(_) => Ok(()),
+        None => {
+            *started = Some(first);
+            Ok(())
+        }
+    }
+}

@@ -48,13 +48,7 @@ impl Pending {
     /// Applies `records` in memory; earlier state is read from `db`'s last commit.
     fn push(&mut self, db: &Database, records: &[LogRecord]) -> Result<(), ProjectionError> {
         let Some(first) = records.first().map(|r| r.position) else { return Ok(()) };
-        match self.first {
-            Some(_) if first != self.last + 1 => {
-                return Err(kerr(format!("batch starts at {first} but the previous one ended at {}", self.last)));
-            }
-            Some(_) => {}
-            None => self.first = Some(first),
-        }
+        crate::projection::check_continues(&mut self.first, self.last, first).map_err(kerr)?;
         // Opened only when an event refers to an assertion not applied here.
         let mut committed: Committed = None;
         for r in records {

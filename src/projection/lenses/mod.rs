@@ -191,13 +191,7 @@ impl Pending {
     /// Applies `records` in memory; earlier state is read from `db`'s last commit.
     fn push(&mut self, db: &Database, records: &[LogRecord]) -> Result<(), ProjectionError> {
         let Some(first) = records.first().map(|r| r.position) else { return Ok(()) };
-        match self.first {
-            Some(_) if first != self.last + 1 => {
-                return Err(e(format!("batch starts at {first} but the previous one ended at {}", self.last)));
-            }
-            Some(_) => {}
-            None => self.first = Some(first),
-        }
+        super::check_continues(&mut self.first, self.last, first).map_err(e)?;
         let tx = db.begin_read().map_err(e)?;
         let pairs = tx.open_table(PAIRS).map_err(e)?;
         let owners = tx.open_table(OWNERS).map_err(e)?;
