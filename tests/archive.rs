@@ -130,6 +130,10 @@ async fn ship_then_restore_latest_answers_the_same() {
     let (code, _, err) = cli(&restored, &["restore", "--from", &url, "--quiet"], &s3);
     assert_ne!(code, 0);
     assert!(err.contains("not empty") && err.contains("--force"), "{err}");
+    drop(copy);
+    let again = restore(&s3, &restored, "db1", &["--force", "--projection", "kv"]);
+    assert_eq!(again["position"].as_u64(), Some(corpus.last), "--force replaces the contents: {again}");
+    assert!(!restored.join("db/lenses.redb").exists(), "nothing of the old contents is left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,7 @@ impl Follower {
     /// follows another archive, and a local log that disagrees with the
     /// archive.
     pub async fn start(cfg: FollowConfig) -> Result<Follower, ArchiveError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ArchiveError::io(&cfg.data_dir, e))?;
         std::fs::create_dir_all(&cfg.wal_dir).map_err(|e| ArchiveError::io(&cfg.wal_dir, e))?;
         let lock = DirLock::acquire(&cfg.wal_dir).map_err(|e| ArchiveError::Config(e.to_string()))?;
         mark(&cfg)?;

@@ -186,6 +186,9 @@ fn prepare_target(data: &DataArgs, force: bool) -> anyhow::Result<()> {
             DirLock::acquire(&data.wal_dir()).map_err(|e| anyhow::anyhow!("{e}; stop the server before restoring over its data"))?;
     }
     for d in busy {
+        if !d.exists() {
+            continue; // inside a directory emptied just before
+        }
         for entry in std::fs::read_dir(d).with_context(|| format!("cannot list {}", d.display()))? {
             let p = entry?.path();
             let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
