@@ -49,12 +49,16 @@ pub const BULK_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 pub fn bulk_buffer_bytes() -> usize {
     static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *BYTES.get_or_init(|| {
-        std::env::var("STEMEDB_REBUILD_BUFFER_MB")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|mb| *mb > 0)
-            .map(|mb| mb * 1024 * 1024)
-            .unwrap_or(BULK_BUFFER_BYTES)
+        let Ok(v) = std::env::var("STEMEDB_REBUILD_BUFFER_MB") else { return BULK_BUFFER_BYTES };
+        match v.trim().parse::<usize>() {
+            Ok(mb) if mb > 0 => mb * 1024 * 1024,
+            _ => {
+                // Read deep inside rebuilds, so it cannot stop the start;
+                // say loudly that the value is ignored instead.
+                tracing::warn!(value = %v, "STEMEDB_REBUILD_BUFFER_MB is not a positive whole number of MiB; using the default 64");
+                BULK_BUFFER_BYTES
+            }
+        }
     })
 }
 
