@@ -12,9 +12,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as ObjectPath;
-use object_store::{
-    Attribute, Attributes, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-};
+use object_store::{Attribute, Attributes, ClientOptions, GetOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
 /// Object metadata key holding the BLAKE3 hex digest of the object's bytes.
 pub const CHECKSUM_METADATA: &str = "blake3";
@@ -219,11 +217,6 @@ impl Remote {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.err(key)(e)),
         }
-    }
-
-    /// Deletes `key` (tests and drills only; the archive never deletes).
-    pub async fn delete(&self, key: &str) -> Result<(), ArchiveError> {
-        self.store.delete(&self.path(key)).await.map_err(self.err(key))
     }
 
     /// The keys under `dir` (relative to the prefix) that sort after
