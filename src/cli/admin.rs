@@ -129,7 +129,7 @@ fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let summary = rebuild_offline_projections(data, a.projections_dir.as_deref(), &chosen, true)?;
+    let summary = rebuild_offline_projections(data, a.projections_dir.as_deref(), &chosen, true, None)?;
     // One JSON line per projection, then the total.
     for p in summary["projections"].as_array().into_iter().flatten() {
         println!("{p}");
@@ -146,14 +146,20 @@ fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
 /// pass (decoded once, each projection bulk-loaded by its own thread; see
 /// `projection::rebuild::rebuild_offline_many`); returns a JSON summary (events, seconds,
 /// events/s). The caller holds the WAL lock: `admin rebuild-projections`
-/// and `restore` both end here.
+/// and `restore` both end here. `verified_head` is the log's last position
+/// when the caller has just verified the whole log itself (restore does);
+/// otherwise the log is verified here first.
 pub fn rebuild_offline_projections(
     data: &DataArgs,
     projections_dir: Option<&std::path::Path>,
     names: &[String],
     show_progress: bool,
+    verified_head: Option<u64>,
 ) -> anyhow::Result<serde_json::Value> {
-    let head = log_head(data)?;
+    let head = match verified_head {
+        Some(h) => h,
+        None => log_head(data)?,
+    };
     let slots = open_slots(data, projections_dir, names)?;
     let multi = if show_progress {
         indicatif::MultiProgress::new()

@@ -126,7 +126,8 @@ pub fn restore(data: &DataArgs, a: RestoreArgs) -> anyhow::Result<i32> {
             crate::ingest::committer::build_id_index(&data.wal_dir(), &data.id_index_path(), cut.position)?;
             Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64())
         });
-        let rebuilt = crate::cli::admin::rebuild_offline_projections(data, a.projections_dir.as_deref(), &names, !a.quiet);
+        let rebuilt =
+            crate::cli::admin::rebuild_offline_projections(data, a.projections_dir.as_deref(), &names, !a.quiet, Some(cut.position));
         (rebuilt, ids.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the id index thread panicked"))))
     });
     let (rebuilt, id_index_secs) = (rebuilt?, ids?);
