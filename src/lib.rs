@@ -12,7 +12,8 @@
 //!   recovery, readers and verification. It knows nothing above it.
 //!
 //! Around them: [`config`] (flags and environment), [`telemetry`] (logs and
-//! metrics), [`cli`] (subcommands) and [`bench`] (load tools).
+//! metrics), [`cli`] (subcommands), [`bench`] (load tools) and `sort` (the
+//! external merge sort with which rebuilds build stores by appends).
 
 pub mod archive;
 pub mod bench;
@@ -23,5 +24,6 @@ pub mod ingest;
 pub mod lens;
 pub mod model;
 pub mod projection;
+pub(crate) mod sort;
 pub mod telemetry;
 pub mod wal;

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::id_index::{self, IdEntry, IdIndex, IndexHandle, IndexReader};
 use super::unindexed::Unindexed;
 use crate::model::{Assertion, AssertionId, Event, Retraction};
+use crate::sort::Sorter;
 use crate::wal::{WalError, WalReader, WalWriter, WriterOptions};
 
 /// One thing to append.
@@ -147,7 +148,7 @@ impl Ingest {
         }
         let head = writer.committed_position();
         let mut index = IdIndex::open(&opts.index_path)?;
-        catch_up_index(&mut index, &opts.wal_dir, head)?;
+        catch_up_index(&mut index, &opts.index_path, &opts.wal_dir, head)?;
         tracing::info!(position = head, segments = recovered.segments.len(), "WAL recovered");
 
         let committed = Arc::new(AtomicU64::new(head));
@@ -233,11 +234,11 @@ impl Ingest {
 /// indexing a million ids before it accepts writes.
 pub fn build_id_index(wal_dir: &std::path::Path, index_path: &std::path::Path, head: u64) -> anyhow::Result<()> {
     let mut index = IdIndex::open(index_path)?;
-    catch_up_index(&mut index, wal_dir, head)
+    catch_up_index(&mut index, index_path, wal_dir, head)
 }
 
 /// Re-reads the WAL after the index's checkpoint into the index.
-fn catch_up_index(index: &mut IdIndex, wal_dir: &std::path::Path, head: u64) -> anyhow::Result<()> {
+fn catch_up_index(index: &mut IdIndex, index_path: &std::path::Path, wal_dir: &std::path::Path, head: u64) -> anyhow::Result<()> {
     let mut from = index.checkpoint()?;
     if from > head {
         tracing::warn!(index = from, wal = head, "id index is ahead of the WAL (restored or replaced log?); rebuilding it");
@@ -248,6 +249,9 @@ fn catch_up_index(index: &mut IdIndex, wal_dir: &std::path::Path, head: u64) -> 
         return Ok(());
     }
     let started = Instant::now();
+    if from == 0 {
+        return load_index_sorted(index, index_path, wal_dir, head, started);
+    }
     let mut reader = WalReader::open(wal_dir, from + 1)?;
     reader.set_until(head);
     let mut ids = Vec::new();
@@ -268,6 +272,38 @@ fn catch_up_index(index: &mut IdIndex, wal_dir: &std::path::Path, head: u64) -> 
     index.insert(&ids, &retractions, last)?;
     index.flush()?;
     tracing::info!(from = from + 1, to = last, elapsed_ms = started.elapsed().as_millis() as u64, "id index caught up with the WAL");
+    Ok(())
+}
+
+/// [`catch_up_index`] into an empty index: the whole log's ids and
+/// retractions are sorted (spilling beside the index past 64 MiB) and
+/// loaded in one transaction.
+fn load_index_sorted(
+    index: &mut IdIndex,
+    index_path: &std::path::Path,
+    wal_dir: &std::path::Path,
+    head: u64,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let dir = crate::projection::slot::sibling(index_path, "sort");
+    let mut ids: Sorter<AssertionId, (u64, u64, u64)> = Sorter::new(&dir, "ids", 48 << 20);
+    let mut retractions: Sorter<AssertionId, u64> = Sorter::new(&dir, "retractions", 16 << 20);
+    let mut reader = WalReader::open(wal_dir, 1)?;
+    reader.set_until(head);
+    let mut last = 0;
+    while let Some(rec) = reader.next_record()? {
+        match &rec.event {
+            Event::AssertionRecorded { id, assertion } => {
+                let e = IdEntry::of(assertion, rec.position);
+                ids.push(*id, (e.position, e.agent, e.pair), 96)?;
+            }
+            Event::AssertionRetracted(r) => retractions.push(r.id, rec.position, 72)?,
+        }
+        last = rec.position;
+    }
+    let ids = ids.finish()?.map(|r| r.map(|(id, (position, agent, pair))| (id, IdEntry { position, agent, pair })));
+    index.load_sorted(ids, retractions.finish()?, last)?;
+    tracing::info!(to = last, elapsed_ms = started.elapsed().as_millis() as u64, "id index built from the WAL");
     Ok(())
 }
 

@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::model::{Assertion, AssertionId};
 
@@ -92,6 +92,11 @@ impl IdIndex {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(err)?;
         }
+        // Sort runs of a load that a crash interrupted.
+        let runs = crate::projection::slot::sibling(path, "sort");
+        if runs.exists() {
+            std::fs::remove_dir_all(&runs).map_err(err)?;
+        }
         // A bounded cache: the upper B-tree levels stay resident, and memory
         // does not grow with the log.
         let db = redb::Builder::new().set_cache_size(128 * 1024 * 1024).create(path).map_err(err)?;
@@ -151,6 +156,43 @@ impl IdIndex {
         } else {
             self.dirty = true;
         }
+        Ok(())
+    }
+
+    /// Fills an empty index with every id and retraction of a whole log
+    /// in one durable transaction, in key order: ids arrive in random
+    /// order, and appending them sorted writes each page once instead of
+    /// copying a random leaf per insert (a restore's index of 1M ids).
+    /// `ids` and `retractions` must be sorted by id; for an id given
+    /// twice the later row wins, as with [`insert`](Self::insert).
+    pub fn load_sorted(
+        &mut self,
+        ids: impl Iterator<Item = std::io::Result<(AssertionId, IdEntry)>>,
+        retractions: impl Iterator<Item = std::io::Result<(AssertionId, u64)>>,
+        position: u64,
+    ) -> Result<(), IndexError> {
+        let mut tx = self.db.begin_write().map_err(err)?;
+        tx.set_durability(Durability::Immediate).map_err(err)?;
+        {
+            let mut m = tx.open_table(META).map_err(err)?;
+            if m.get(CHECKPOINT).map_err(err)?.is_some() {
+                return Err(err("a sorted load needs an empty index"));
+            }
+            let mut t = tx.open_table(IDS).map_err(err)?;
+            for row in ids {
+                let (id, e) = row.map_err(err)?;
+                t.insert(id.0.as_slice(), (e.position, e.agent, e.pair)).map_err(err)?;
+            }
+            let mut r = tx.open_table(RETRACTIONS).map_err(err)?;
+            for row in retractions {
+                let (id, p) = row.map_err(err)?;
+                r.insert(id.0.as_slice(), p).map_err(err)?;
+            }
+            m.insert(CHECKPOINT, position).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        self.last_durable = Instant::now();
+        self.dirty = false;
         Ok(())
     }
 

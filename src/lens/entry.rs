@@ -37,6 +37,45 @@ impl Entry {
     }
 }
 
+/// A recorded assertion reduced to what a live set keeps of it: what a
+/// rebuild sorts by pair and replays, instead of whole assertions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recorded {
+    /// The assertion id.
+    pub id: AssertionId,
+    /// Its log position.
+    pub position: u64,
+    /// Its valid time, or its `recorded_at` when none was given.
+    #[serde(with = "crate::model::time::serde_normal")]
+    pub valid_time: DateTime<Utc>,
+    /// Confidence with the default applied.
+    pub confidence: f64,
+    /// Tier with the default applied.
+    pub tier: Tier,
+    /// The agent.
+    pub agent: String,
+    /// The value claimed.
+    pub object: Object,
+    /// The ids it supersedes.
+    pub supersedes: Vec<AssertionId>,
+}
+
+impl Recorded {
+    /// The reduced form of assertion `a`, recorded at `position`.
+    pub fn of(id: AssertionId, position: u64, recorded_at: DateTime<Utc>, a: &Assertion) -> Recorded {
+        Recorded {
+            id,
+            position,
+            valid_time: a.valid_time.unwrap_or(recorded_at),
+            confidence: a.effective_confidence(),
+            tier: a.effective_tier(),
+            agent: a.agent.clone(),
+            object: a.object.clone(),
+            supersedes: a.supersedes.clone(),
+        }
+    }
+}
+
 /// The live entries of a pair and the distinct values they claim.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LiveSet {
@@ -50,24 +89,29 @@ impl LiveSet {
     /// Applies a recorded assertion: it becomes live and every id it
     /// supersedes stops being live.
     pub fn record(&mut self, id: AssertionId, position: u64, recorded_at: DateTime<Utc>, a: &Assertion) {
-        if !a.supersedes.is_empty() {
-            self.entries.retain(|e| !a.supersedes.contains(&e.id));
+        self.add(Recorded::of(id, position, recorded_at, a));
+    }
+
+    /// [`record`](Self::record) from the reduced form a bulk load sorts.
+    pub fn add(&mut self, r: Recorded) {
+        if !r.supersedes.is_empty() {
+            self.entries.retain(|e| !r.supersedes.contains(&e.id));
         }
-        let key = a.object.canonical_bytes();
+        let key = r.object.canonical_bytes();
         let value = match self.values.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
             None => {
-                self.values.push((key, a.object.clone()));
+                self.values.push((key, r.object));
                 self.values.len() - 1
             }
         };
         self.entries.push(Entry {
-            id,
-            position,
-            valid_time: a.valid_time.unwrap_or(recorded_at),
-            confidence: a.effective_confidence(),
-            tier: a.effective_tier(),
-            agent: a.agent.clone(),
+            id: r.id,
+            position: r.position,
+            valid_time: r.valid_time,
+            confidence: r.confidence,
+            tier: r.tier,
+            agent: r.agent,
             value: value as u32,
         });
         self.compact_if_sparse();

@@ -12,5 +12,5 @@ pub mod entry;
 pub mod resolve;
 
 pub use definitions::Definitions;
-pub use entry::{Entry, LiveSet};
+pub use entry::{Entry, LiveSet, Recorded};
 pub use resolve::{Claim, Conflict, Lens, Resolution, Weighting, Winner, resolve};

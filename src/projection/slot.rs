@@ -90,6 +90,7 @@ impl<T: Projection> Slot<T> {
     /// Deletes the shadow store's files (after a cancelled rebuild).
     pub fn discard_shadow(&self) {
         let _ = remove_any(&self.shadow_path());
+        let _ = remove_any(&sibling(&self.shadow_path(), "sort"));
     }
 
     /// Gives a caught-up shadow to the worker, which installs it between
@@ -192,6 +193,9 @@ pub fn recover_paths(live: &Path) -> std::io::Result<()> {
         std::fs::rename(&old, live)?;
     }
     remove_any(&old)?;
-    remove_any(&sibling(live, "verify"))?;
-    remove_any(&sibling(live, "shadow"))
+    // Stores and the sort runs of their bulk loads (`<store>.sort`).
+    for leftover in ["verify", "shadow", "sort", "verify.sort", "shadow.sort"] {
+        remove_any(&sibling(live, leftover))?;
+    }
+    Ok(())
 }

@@ -2,12 +2,9 @@
 //!
 //! Events are first applied in memory to a [`Pending`] set of rows, which
 //! is then written in one redb transaction with the checkpoint, each table
-//! in key order. `apply` (the worker) fills and writes one per batch; a
-//! bulk load ([`KvBulk`]) fills one across many batches and writes it only
-//! when it passes [`BULK_BUFFER_BYTES`](crate::projection::BULK_BUFFER_BYTES):
-//! a fresh store then gets a few large sorted transactions instead of one
-//! per batch, so each B-tree leaf is copied and checksummed a few times in
-//! the whole rebuild instead of once per batch.
+//! in key order: a B-tree leaf touched by several rows of a batch is
+//! copied once. (A fresh store is bulk-loaded by [`build`](super::build)
+//! instead, which sorts the whole log's rows first.)
 
 use std::collections::HashMap;
 
@@ -15,7 +12,7 @@ use redb::{Durability, ReadableDatabase, ReadableTable};
 
 use super::*;
 use crate::model::{Event, LogRecord};
-use crate::projection::{BulkLoad, Projection, approx_bytes, pair_key};
+use crate::projection::{BulkLoad, Projection, pair_key};
 
 /// The IDS and RECORDS tables as of the last commit, opened on first need.
 type Committed = Option<(redb::ReadOnlyTable<&'static [u8], u64>, redb::ReadOnlyTable<u64, &'static [u8]>)>;
@@ -40,8 +37,6 @@ pub(crate) struct Pending {
     subject_rows: Vec<Vec<u8>>,
     predicate_rows: Vec<Vec<u8>>,
     agent_rows: Vec<Vec<u8>>,
-    /// Rough memory held, for the bulk loader's budget.
-    bytes: usize,
 }
 
 impl Pending {
@@ -67,7 +62,6 @@ impl Pending {
                     self.predicate_rows.push(index_key(a.predicate.as_bytes(), p));
                     self.agent_rows.push(index_key(a.agent.as_bytes(), p));
                     self.new_ids.insert(*id, p);
-                    self.bytes += approx_bytes(a) + 2 * pk.len() + 3 * 40 + 64;
                     self.dirty.insert(
                         p,
                         StoredAssertion {
@@ -81,7 +75,6 @@ impl Pending {
                 }
                 Event::AssertionRetracted(rt) => {
                     self.log_rows.push((r.position, rt.id, KIND_RETRACTED, ns(&r.recorded_at)));
-                    self.bytes += 128 + rt.reason.len();
                     let position = r.position;
                     if let Some(t) = self.load_mut(db, &mut committed, &rt.id)? {
                         let pk = pair_key(&t.assertion.subject, &t.assertion.predicate);
@@ -133,7 +126,6 @@ impl Pending {
                 let Some((_, stored)) = committed.as_ref() else { return Ok(None) };
                 let Some(v) = stored.get(position).map_err(kerr)? else { return Ok(None) };
                 let s: StoredAssertion = rmp_serde::from_slice(v.value()).map_err(kerr)?;
-                self.bytes += 512;
                 Ok(Some(slot.insert(s)))
             }
         }
@@ -202,34 +194,6 @@ impl Pending {
     }
 }
 
-/// A bulk load into a [`KvStore`]: see the module documentation.
-pub(crate) struct KvBulk<'a> {
-    store: &'a KvStore,
-    pending: Pending,
-    written: u64,
-}
-
-impl BulkLoad for KvBulk<'_> {
-    fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
-        self.pending.push(&self.store.db, records)?;
-        if self.pending.bytes >= crate::projection::bulk_buffer_bytes() {
-            // Not durable: the rebuild's last commit is, and until then the
-            // store is a private shadow that a crash discards.
-            self.written = self.pending.write(&self.store.db, Durability::None)?;
-        }
-        Ok(())
-    }
-
-    fn finish(mut self: Box<Self>) -> Result<u64, ProjectionError> {
-        if self.pending.first.is_some() {
-            self.written = self.pending.write(&self.store.db, Durability::Immediate)?;
-        } else {
-            crate::projection::flush_redb(&self.store.db, kerr)?;
-        }
-        Ok(self.written)
-    }
-}
-
 impl Projection for KvStore {
     fn name(&self) -> &'static str {
         NAME
@@ -254,8 +218,11 @@ impl Projection for KvStore {
     }
 
     fn bulk_load(&self) -> Result<Option<Box<dyn BulkLoad + '_>>, ProjectionError> {
-        let written = self.checkpoint()?;
-        Ok(Some(Box::new(KvBulk { store: self, pending: Pending::default(), written })))
+        // Only a store nobody has written to can be built by appends.
+        if self.checkpoint()? != 0 {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(super::build::SortedBuild::new(self)?)))
     }
 
     fn flush(&self) -> Result<u64, ProjectionError> {

@@ -7,11 +7,12 @@
 //! just a position.
 
 mod apply;
+mod build;
 mod query;
 
 pub use query::{EventKind, HistoryEvent, ListFilter, StoredView};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use redb::{Database, TableDefinition};
@@ -83,6 +84,10 @@ pub struct StoredAssertion {
 /// The KV store; shared by its worker (writes) and the HTTP readers.
 pub struct KvStore {
     pub(crate) db: Database,
+    /// The store's file, beside which a bulk load spills its sort runs.
+    pub(crate) path: PathBuf,
+    /// Memory a bulk load may hold before it spills a sorted run.
+    pub(crate) sort_budget: usize,
     pub(crate) durability: super::DurableEvery,
 }
 
@@ -102,7 +107,15 @@ impl KvStore {
             tx.open_table(META).map_err(kerr)?;
         }
         tx.commit().map_err(kerr)?;
-        Ok(KvStore { db, durability: super::DurableEvery::default() })
+        Ok(KvStore { db, path: path.to_path_buf(), sort_budget: super::bulk_buffer_bytes(), durability: super::DurableEvery::default() })
+    }
+
+    /// Sets the memory a bulk load of this store may hold before it
+    /// spills a sorted run to disk (default `STEMEDB_REBUILD_BUFFER_MB`):
+    /// less memory means more runs to merge, never a different result.
+    pub fn with_sort_budget(mut self, bytes: usize) -> Self {
+        self.sort_budget = bytes.max(1);
+        self
     }
 }
 

@@ -6,8 +6,10 @@
 //! live set, recomputes the pair's summary once (in log order, so results
 //! are reproducible bit for bit), and writes both back with the checkpoint.
 
+mod build;
+
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -81,6 +83,10 @@ impl Summary {
 /// The lenses store.
 pub struct LensStore {
     db: Database,
+    /// The store's file, beside which a bulk load spills its sort runs.
+    path: PathBuf,
+    /// Memory a bulk load may hold before it spills a sorted run.
+    sort_budget: usize,
     defs: Definitions,
     durability: DurableEvery,
 }
@@ -108,7 +114,15 @@ impl LensStore {
             }
         }
         tx.commit().map_err(e)?;
-        Ok(LensStore { db, defs, durability: DurableEvery::default() })
+        Ok(LensStore { db, path: path.to_path_buf(), sort_budget: super::bulk_buffer_bytes(), defs, durability: DurableEvery::default() })
+    }
+
+    /// Sets the memory a bulk load of this store may hold before it
+    /// spills a sorted run to disk (default `STEMEDB_REBUILD_BUFFER_MB`):
+    /// less memory means more runs to merge, never a different result.
+    pub fn with_sort_budget(mut self, bytes: usize) -> Self {
+        self.sort_budget = bytes.max(1);
+        self
     }
 
     /// The hash of the definitions this store's answers were computed with.
@@ -170,9 +184,9 @@ fn checkpoint_in(tx: &redb::ReadTransaction) -> Result<u64, ProjectionError> {
 }
 
 /// Events applied in memory, not yet written: every touched pair's live
-/// set and the ids recorded. `apply` fills and writes one per batch; a bulk
-/// load ([`LensBulk`]) fills one across many batches, so a pair touched
-/// several times is decoded, summarized and written once per transaction.
+/// set and the ids recorded. `apply` fills and writes one per batch, so a
+/// pair touched several times in a batch is decoded, summarized and
+/// written once. (A fresh store is bulk-loaded by [`build`] instead.)
 #[derive(Default)]
 struct Pending {
     /// Position of the first event applied (checked against the checkpoint).
@@ -183,8 +197,6 @@ struct Pending {
     touched: HashMap<Vec<u8>, LiveSet>,
     /// id → pair key of the assertions recorded.
     owners: HashMap<AssertionId, Vec<u8>>,
-    /// Rough memory held, for the bulk loader's budget.
-    bytes: usize,
 }
 
 impl Pending {
@@ -211,23 +223,16 @@ impl Pending {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     let set = match pairs.get(v.key().as_slice()).map_err(e)? {
-                        Some(row) => {
-                            let bytes = row.value().1;
-                            self.bytes += 2 * bytes.len();
-                            rmp_serde::from_slice(bytes).map_err(e)?
-                        }
+                        Some(row) => rmp_serde::from_slice(row.value().1).map_err(e)?,
                         None => LiveSet::default(),
                     };
-                    self.bytes += 96 + 2 * v.key().len();
                     v.insert(set)
                 }
             };
             match &r.event {
                 Event::AssertionRecorded { assertion, .. } => {
                     set.record(id, r.position, r.recorded_at, assertion);
-                    self.bytes += 192 + assertion.agent.len() + super::approx_bytes(assertion) / 2;
                     let pk = pair_key(&assertion.subject, &assertion.predicate);
-                    self.bytes += 64 + pk.len();
                     self.owners.insert(id, pk);
                 }
                 Event::AssertionRetracted(_) => {
@@ -281,35 +286,6 @@ impl Pending {
     }
 }
 
-/// A bulk load into a [`LensStore`]: events accumulate in one [`Pending`]
-/// until it passes [`BULK_BUFFER_BYTES`](super::BULK_BUFFER_BYTES), then
-/// are written in one non-durable transaction; `finish` writes the rest
-/// durably.
-struct LensBulk<'a> {
-    store: &'a LensStore,
-    pending: Pending,
-    written: u64,
-}
-
-impl BulkLoad for LensBulk<'_> {
-    fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
-        self.pending.push(&self.store.db, records)?;
-        if self.pending.bytes >= super::bulk_buffer_bytes() {
-            self.written = self.pending.write(&self.store.db, &self.store.defs, Durability::None)?;
-        }
-        Ok(())
-    }
-
-    fn finish(mut self: Box<Self>) -> Result<u64, ProjectionError> {
-        if self.pending.first.is_some() {
-            self.written = self.pending.write(&self.store.db, &self.store.defs, Durability::Immediate)?;
-        } else {
-            super::flush_redb(&self.store.db, e)?;
-        }
-        Ok(self.written)
-    }
-}
-
 impl Projection for LensStore {
     fn name(&self) -> &'static str {
         NAME
@@ -330,8 +306,11 @@ impl Projection for LensStore {
     }
 
     fn bulk_load(&self) -> Result<Option<Box<dyn BulkLoad + '_>>, ProjectionError> {
-        let written = self.checkpoint()?;
-        Ok(Some(Box::new(LensBulk { store: self, pending: Pending::default(), written })))
+        // Only a store nobody has written to can be built by appends.
+        if self.checkpoint()? != 0 {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(build::SortedBuild::new(self))))
     }
 
     fn flush(&self) -> Result<u64, ProjectionError> {

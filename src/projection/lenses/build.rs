@@ -1,0 +1,169 @@
+//! Building a fresh lenses store from the log by sorting, not by updating.
+//!
+//! The incremental path ([`Pending`](super::Pending)) loads a pair's live
+//! set, applies a batch and writes it back; over a whole log that rewrites
+//! a popular pair once per batch and, because pairs are spread uniformly
+//! over the key space, nearly every leaf of the tree once per transaction.
+//! A fresh store does not need any of that: every event is sorted by
+//! `(pair, position)` with an external [`Sorter`], then each pair's events
+//! are replayed once into its live set and the pair is appended in key
+//! order, so each page is written once.
+//!
+//! A retraction names an assertion id, not a pair: its pair is found by
+//! merging the retractions, sorted by id, with the `owners` rows (id →
+//! pair), which are sorted by id anyway to be appended to their table.
+//! Rows are those the incremental path writes, so verification cannot
+//! tell how a store was built.
+
+use redb::{Durability, ReadableTable};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use super::{LensStore, META, OWNERS, PAIRS, Summary, e};
+use crate::lens::{LiveSet, Recorded};
+use crate::model::{AssertionId, Event, LogRecord};
+use crate::projection::{BulkLoad, ProjectionError, check_continues, pair_key};
+use crate::sort::Sorter;
+
+/// One change to a pair's live set, sorted by `(pair, position)`.
+#[derive(Serialize, Deserialize)]
+enum Change {
+    Record(Recorded),
+    Retract(AssertionId),
+}
+
+/// A bulk load of an empty [`LensStore`]: see the module documentation.
+pub(super) struct SortedBuild<'a> {
+    store: &'a LensStore,
+    first: Option<u64>,
+    last: u64,
+    /// (pair, position) → change.
+    changes: Sorter<(ByteBuf, u64), Change>,
+    /// id → (position, pair) of every recorded assertion.
+    owners: Sorter<AssertionId, (u64, ByteBuf)>,
+    /// (id, position) of every retraction.
+    retractions: Sorter<(AssertionId, u64), ()>,
+}
+
+impl<'a> SortedBuild<'a> {
+    /// A build into `store`, which must be empty; spills beside it.
+    pub(super) fn new(store: &'a LensStore) -> SortedBuild<'a> {
+        let dir = crate::projection::slot::sibling(&store.path, "sort");
+        let budget = store.sort_budget;
+        SortedBuild {
+            store,
+            first: None,
+            last: 0,
+            // Changes carry the bulk of the data; owners are small rows.
+            changes: Sorter::new(&dir, "changes", budget / 4 * 3),
+            owners: Sorter::new(&dir, "owners", budget / 4),
+            retractions: Sorter::new(&dir, "retractions", budget / 8),
+        }
+    }
+}
+
+fn io(x: std::io::Error) -> ProjectionError {
+    e(format!("sorting: {x}"))
+}
+
+impl BulkLoad for SortedBuild<'_> {
+    fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        let Some(first) = records.first().map(|r| r.position) else { return Ok(()) };
+        check_continues(&mut self.first, self.last, first).map_err(e)?;
+        for r in records {
+            self.last = r.position;
+            match &r.event {
+                Event::AssertionRecorded { id, assertion: a } => {
+                    let pk = pair_key(&a.subject, &a.predicate);
+                    let bytes = 160 + 2 * pk.len() + a.agent.len() + crate::projection::approx_bytes(a) / 2;
+                    self.owners.push(*id, (r.position, ByteBuf::from(pk.clone())), 96 + pk.len()).map_err(io)?;
+                    let change = Change::Record(Recorded::of(*id, r.position, r.recorded_at, a));
+                    self.changes.push((ByteBuf::from(pk), r.position), change, bytes).map_err(io)?;
+                }
+                Event::AssertionRetracted(rt) => {
+                    self.retractions.push((rt.id, r.position), (), 64).map_err(io)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<u64, ProjectionError> {
+        let SortedBuild { store, first, last, mut changes, owners, retractions } = *self;
+        let Some(_) = first else {
+            crate::projection::flush_redb(&store.db, e)?;
+            return Ok(0);
+        };
+        let mut tx = store.db.begin_write().map_err(e)?;
+        tx.set_durability(Durability::Immediate).map_err(e)?;
+        {
+            let mut meta = tx.open_table(META).map_err(e)?;
+            if meta.get("checkpoint").map_err(e)?.is_some() {
+                // `bulk_load` offers a sorted build only for an empty store.
+                return Err(e("a sorted build needs an empty store"));
+            }
+            // Owners in id order, joined with the retractions to route
+            // each one to its pair (as the incremental path does through
+            // the owners table, retractions of unknown ids are ignored).
+            {
+                let mut table = tx.open_table(OWNERS).map_err(e)?;
+                let mut retractions = retractions.finish().map_err(io)?.peekable();
+                for row in owners.finish().map_err(io)? {
+                    let (id, (position, pk)) = row.map_err(io)?;
+                    table.insert(id.0.as_slice(), pk.as_slice()).map_err(e)?;
+                    while let Some(Ok(((rid, _), ()))) = retractions.peek()
+                        && *rid <= id
+                    {
+                        let Some(Ok(((rid, at), ()))) = retractions.next() else { break };
+                        if rid == id && at > position {
+                            changes.push((pk.clone(), at), Change::Retract(rid), 96 + pk.len()).map_err(io)?;
+                        }
+                    }
+                    if let Some(Err(_)) = retractions.peek()
+                        && let Some(Err(x)) = retractions.next()
+                    {
+                        return Err(io(x));
+                    }
+                }
+                // Whatever is left retracts ids never recorded; still,
+                // a damaged run must fail the build, not pass unnoticed.
+                for r in retractions {
+                    r.map_err(io)?;
+                }
+            }
+            // Pairs in key order, each replayed once from its changes.
+            {
+                let mut pairs = tx.open_table(PAIRS).map_err(e)?;
+                let mut merged = changes.finish().map_err(io)?;
+                let (mut summary, mut live) = (Vec::new(), Vec::new());
+                let defs = &store.defs;
+                while let Some(row) = merged.next() {
+                    let ((pk, _), change) = row.map_err(io)?;
+                    let mut set = LiveSet::default();
+                    apply(&mut set, change);
+                    while merged.peek_key().is_some_and(|(next, _)| *next == pk) {
+                        let Some(row) = merged.next() else { break };
+                        apply(&mut set, row.map_err(io)?.1);
+                    }
+                    summary.clear();
+                    live.clear();
+                    rmp_serde::encode::write_named(&mut summary, &Summary::of(&set, defs)).map_err(e)?;
+                    rmp_serde::encode::write_named(&mut live, &set).map_err(e)?;
+                    pairs.insert(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
+                }
+            }
+            meta.insert("checkpoint", last).map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(last)
+    }
+}
+
+fn apply(set: &mut LiveSet, change: Change) {
+    match change {
+        Change::Record(r) => set.add(r),
+        Change::Retract(id) => {
+            set.retract(&id);
+        }
+    }
+}
