@@ -37,6 +37,18 @@ enum Change {
     SupersededBy(AssertionId),
 }
 
+/// A [`StoredAssertion`] as first written, borrowing the assertion instead
+/// of cloning it: the same fields, so the same bytes.
+#[derive(Serialize)]
+struct NewRecord<'a> {
+    position: u64,
+    #[serde(with = "crate::model::time::serde_normal")]
+    recorded_at: DateTime<Utc>,
+    assertion: &'a crate::model::Assertion,
+    retraction: Option<StoredRetraction>,
+    superseded_by: &'a [AssertionId],
+}
+
 /// A bulk load of an empty [`KvStore`]: see the module documentation.
 pub(super) struct SortedBuild<'a> {
     store: &'a KvStore,
@@ -198,13 +210,7 @@ impl SortedBuild<'_> {
                         self.changes.push((*s, p), Change::SupersededBy(*id), 128).map_err(io)?;
                     }
                     log.insert(p, (id.0.as_slice(), KIND_ASSERTED, ns(&r.recorded_at))).map_err(kerr)?;
-                    let record = StoredAssertion {
-                        position: p,
-                        recorded_at: r.recorded_at,
-                        assertion: a.clone(),
-                        retraction: None,
-                        superseded_by: Vec::new(),
-                    };
+                    let record = NewRecord { position: p, recorded_at: r.recorded_at, assertion: a, retraction: None, superseded_by: &[] };
                     self.encoded.clear();
                     rmp_serde::encode::write_named(&mut self.encoded, &record).map_err(kerr)?;
                     stored.insert(p, self.encoded.as_slice()).map_err(kerr)?;

@@ -19,7 +19,7 @@ use redb::{Durability, ReadableTable};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use super::{LensStore, META, OWNERS, PAIRS, Summary, e};
+use super::{LensStore, META, OWNERS, PAIRS, e};
 use crate::lens::{LiveSet, Recorded};
 use crate::model::{AssertionId, Event, LogRecord};
 use crate::projection::{BulkLoad, ProjectionError, check_continues, pair_key};
@@ -145,10 +145,7 @@ impl BulkLoad for SortedBuild<'_> {
                         let Some(row) = merged.next() else { break };
                         apply(&mut set, row.map_err(io)?.1);
                     }
-                    summary.clear();
-                    live.clear();
-                    rmp_serde::encode::write_named(&mut summary, &Summary::of(&set, defs)).map_err(e)?;
-                    rmp_serde::encode::write_named(&mut live, &set).map_err(e)?;
+                    super::encode_pair(&set, defs, &mut summary, &mut live)?;
                     pairs.insert(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
                 }
             }

@@ -178,6 +178,18 @@ impl LensStore {
     }
 }
 
+/// Encodes a pair's row (its summary and live set) into the two buffers.
+/// Structs are msgpack arrays, without field names: rows are about half
+/// the size of the named form, which matters because every lens read
+/// decodes one and a rebuild writes every one. Decoding accepts both
+/// forms, so stores written before this change still read.
+fn encode_pair(set: &LiveSet, defs: &Definitions, summary: &mut Vec<u8>, live: &mut Vec<u8>) -> Result<(), ProjectionError> {
+    summary.clear();
+    live.clear();
+    rmp_serde::encode::write(summary, &Summary::of(set, defs)).map_err(e)?;
+    rmp_serde::encode::write(live, set).map_err(e)
+}
+
 fn checkpoint_in(tx: &redb::ReadTransaction) -> Result<u64, ProjectionError> {
     let meta = tx.open_table(META).map_err(e)?;
     Ok(meta.get("checkpoint").map_err(e)?.map(|v| v.value()).unwrap_or(0))
@@ -272,10 +284,7 @@ impl Pending {
             let (mut summary, mut live) = (Vec::new(), Vec::new());
             for pk in keys {
                 let set = &self.touched[pk];
-                summary.clear();
-                live.clear();
-                rmp_serde::encode::write_named(&mut summary, &Summary::of(set, defs)).map_err(e)?;
-                rmp_serde::encode::write_named(&mut live, set).map_err(e)?;
+                encode_pair(set, defs, &mut summary, &mut live)?;
                 pairs.insert(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
             }
             meta.insert("checkpoint", last).map_err(e)?;
@@ -326,5 +335,54 @@ impl Projection for LensStore {
             && visit_table(&tx, META, 2, visit).map_err(e)?
             && visit_table(&tx, META_TEXT, 3, visit).map_err(e)?;
         checkpoint_in(&tx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Assertion, Object, Source};
+
+    /// Rows are written without field names now; rows of stores written
+    /// before (with names) must still decode to the same values.
+    #[test]
+    fn named_and_positional_rows_decode_alike() {
+        let mut set = LiveSet::default();
+        let t = chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("valid time");
+        for (i, (agent, object, tier)) in [
+            ("a", Object::Integer(4), Some(Tier::Clinical)),
+            ("b", Object::Text("4 g".into()), None),
+            ("c", Object::Integer(4), Some(Tier::Expert)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let a = Assertion {
+                subject: "drug:aspirin".into(),
+                predicate: "max_daily_dose".into(),
+                object,
+                confidence: Some(0.5 + i as f64 / 10.0),
+                agent: agent.into(),
+                signature: None,
+                source: Some(Source { uri: "https://example.org".into(), tier, hash: None }),
+                valid_time: (i == 1).then_some(t),
+                supersedes: Vec::new(),
+            };
+            set.record(a.id(), i as u64 + 1, t, &a);
+        }
+        let defs = Definitions::default();
+        let summary = Summary::of(&set, &defs);
+        assert!(summary.tiers.len() >= 2, "the layered lens has per-tier resolutions");
+        let (mut s, mut l) = (Vec::new(), Vec::new());
+        encode_pair(&set, &defs, &mut s, &mut l).expect("encode");
+        let named_summary = rmp_serde::to_vec_named(&summary).expect("encode");
+        let named_set = rmp_serde::to_vec_named(&set).expect("encode");
+        assert!(s.len() < named_summary.len() && l.len() < named_set.len());
+        for bytes in [&s, &named_summary] {
+            assert_eq!(rmp_serde::from_slice::<Summary>(bytes).expect("decode"), summary);
+        }
+        for bytes in [&l, &named_set] {
+            assert_eq!(rmp_serde::from_slice::<LiveSet>(bytes).expect("decode"), set);
+        }
     }
 }
