@@ -29,12 +29,13 @@ fn db_dir(data: &Path) -> PathBuf {
 }
 
 /// Files in the projection directory that a rebuild or verification leaves
-/// behind while it runs (`*.shadow`, `*.verify`, `*.old`).
+/// behind while it runs (`*.shadow`, `*.verify`, `*.old`, and the sort runs
+/// of bulk loads, `*.sort`).
 fn leftovers(data: &Path) -> Vec<String> {
     std::fs::read_dir(db_dir(data))
         .expect("read the db dir")
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| n.ends_with(".shadow") || n.ends_with(".verify") || n.ends_with(".old"))
+        .filter(|n| n.ends_with(".shadow") || n.ends_with(".verify") || n.ends_with(".old") || n.ends_with(".sort"))
         .collect()
 }
 
@@ -144,10 +145,10 @@ async fn offline_rebuild_answers_byte_for_byte_the_same() {
     cli_ok(&data, &["admin", "rebuild-projections", "--projection", "lenses"]);
     assert!(inode(&kv) == kv2 && inode(&lenses) != lenses1, "--projection lenses replaces lenses only");
     cli_ok(&data, &["admin", "verify-projections", "--projection", "lenses"]);
-    // A bulk load with a tiny buffer writes many transactions, and
-    // retractions and supersessions then reach rows of earlier ones; the
-    // result must still equal the worker's (verification replays through
-    // `apply`, not the bulk load).
+    // A bulk load with a tiny buffer spills many sorted runs and merges
+    // them, and retractions and supersessions are joined to their targets
+    // across runs; the result must still equal the worker's (verification
+    // replays through `apply`, not the bulk load), and no run is left.
     let (kv3, lenses3) = (inode(&kv), inode(&lenses));
     let (code, out, err) = common::run_cli_env(
         &data,
@@ -156,6 +157,7 @@ async fn offline_rebuild_answers_byte_for_byte_the_same() {
     );
     assert_eq!(code, 0, "chunked rebuild: {out} {err}");
     assert!(inode(&kv) != kv3 && inode(&lenses) != lenses3, "--projection kv,lenses replaces both");
+    assert!(leftovers(&data).is_empty(), "{:?}", leftovers(&data));
     let out = cli_ok(&data, &["admin", "verify-projections"]);
     for l in out.lines().map(|l| serde_json::from_str::<Value>(l).expect("JSON")) {
         assert_eq!(l["equal"], true, "chunked bulk load differs from apply: {l}");
@@ -511,6 +513,8 @@ async fn kill_9_during_offline_and_online_rebuilds() {
     let mut child = Command::new(common::bin())
         .args(["admin", "rebuild-projections"])
         .env("STEMEDB_DATA_DIR", &data)
+        // Small sort runs, so that some are on disk when it dies.
+        .env("STEMEDB_REBUILD_BUFFER_MB", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -524,7 +528,7 @@ async fn kill_9_during_offline_and_online_rebuilds() {
 
     server.restart();
     let c = common::client();
-    assert!(shadows(&data).is_empty(), "start removes the partial shadow: {:?}", leftovers(&data));
+    assert!(leftovers(&data).is_empty(), "start removes the partial shadow and its sort runs: {:?}", leftovers(&data));
     assert_same(&before, &snapshot(&c, &server, &corpus, 4, 3).await, "after a killed offline rebuild");
     assert!(server.terminate().success());
 
