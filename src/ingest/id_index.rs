@@ -13,6 +13,7 @@
 //! The index stores the last WAL position it covers in the same
 //! transaction, so after a crash it simply re-reads the WAL from there.
 
+use std::ops::Bound;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -179,15 +180,19 @@ impl IdIndex {
                 return Err(err("a sorted load needs an empty index"));
             }
             let mut t = tx.open_table(IDS).map_err(err)?;
-            for row in ids {
-                let (id, e) = row.map_err(err)?;
-                t.insert(id.0.as_slice(), (e.position, e.agent, e.pair)).map_err(err)?;
+            let mut t = t.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(err)?;
+            for row in last_of_each(ids) {
+                let (id, e) = row?;
+                t.insert_before(id.0.as_slice(), (e.position, e.agent, e.pair)).map_err(err)?;
             }
+            t.close().map_err(err)?;
             let mut r = tx.open_table(RETRACTIONS).map_err(err)?;
-            for row in retractions {
-                let (id, p) = row.map_err(err)?;
-                r.insert(id.0.as_slice(), p).map_err(err)?;
+            let mut r = r.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(err)?;
+            for row in last_of_each(retractions) {
+                let (id, p) = row?;
+                r.insert_before(id.0.as_slice(), p).map_err(err)?;
             }
+            r.close().map_err(err)?;
             m.insert(CHECKPOINT, position).map_err(err)?;
         }
         tx.commit().map_err(err)?;
@@ -208,6 +213,26 @@ impl IdIndex {
         self.last_durable = Instant::now();
         Ok(())
     }
+}
+
+/// Rows sorted by id with only the last of equal ids, as repeated
+/// [`IdIndex::insert`]s would leave them (appending refuses an equal key).
+fn last_of_each<V>(
+    rows: impl Iterator<Item = std::io::Result<(AssertionId, V)>>,
+) -> impl Iterator<Item = Result<(AssertionId, V), IndexError>> {
+    let mut rows = rows.peekable();
+    std::iter::from_fn(move || {
+        loop {
+            let (id, v) = match rows.next()? {
+                Ok(row) => row,
+                Err(e) => return Some(Err(err(e))),
+            };
+            match rows.peek() {
+                Some(Ok((next, _))) if *next == id => continue,
+                _ => return Some(Ok((id, v))),
+            }
+        }
+    })
 }
 
 /// Read access to the index from the committer thread.
@@ -249,5 +274,43 @@ impl IndexReader {
     /// Position of the first retraction of `id`, if retracted.
     pub fn retraction(&self, id: &AssertionId) -> Result<Option<u64>, IndexError> {
         Ok(self.retractions.get(id.0.as_slice()).map_err(err)?.map(|v| v.value()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> AssertionId {
+        AssertionId([n; 32])
+    }
+
+    fn entry(position: u64) -> IdEntry {
+        IdEntry { position, agent: position * 7, pair: position * 13 }
+    }
+
+    /// A sorted load leaves exactly what inserting the same rows in log
+    /// order leaves, including for an id given twice (the later wins).
+    #[test]
+    fn a_sorted_load_equals_inserts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = [(id(9), entry(1)), (id(3), entry(2)), (id(5), entry(3)), (id(3), entry(4))];
+        let retractions = [(id(5), 5), (id(9), 6), (id(5), 7)];
+        let mut inserted = IdIndex::open(&dir.path().join("a.redb")).expect("open");
+        inserted.insert(&ids, &retractions, 7).expect("insert");
+        let mut loaded = IdIndex::open(&dir.path().join("b.redb")).expect("open");
+        let mut sorted_ids = ids.to_vec();
+        sorted_ids.sort_by_key(|r| r.0); // stable: equal ids keep log order
+        let mut sorted_retractions = retractions.to_vec();
+        sorted_retractions.sort_by_key(|r| r.0);
+        loaded.load_sorted(sorted_ids.into_iter().map(Ok), sorted_retractions.into_iter().map(Ok), 7).expect("load");
+        assert_eq!(loaded.checkpoint().expect("checkpoint"), 7);
+        let (a, b) = (inserted.handle().reader().expect("reader"), loaded.handle().reader().expect("reader"));
+        for n in [3, 5, 9, 4] {
+            assert_eq!(a.get(&id(n)).expect("get"), b.get(&id(n)).expect("get"), "id {n}");
+            assert_eq!(a.retraction(&id(n)).expect("get"), b.retraction(&id(n)).expect("get"), "retraction {n}");
+        }
+        assert_eq!(b.get(&id(3)).expect("get"), Some(entry(4)));
+        assert!(loaded.load_sorted(std::iter::empty(), std::iter::empty(), 8).is_err(), "only an empty index loads sorted");
     }
 }

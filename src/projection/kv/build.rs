@@ -15,6 +15,8 @@
 //! the incremental path ([`Pending`](super::apply)) writes, so verification
 //! cannot tell how a store was built.
 
+use std::ops::Bound;
+
 use redb::{Durability, ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -119,10 +121,11 @@ impl BulkLoad for SortedBuild<'_> {
         let mut by_target: Sorter<(u64, u64), Change> = Sorter::new(&dir, "by-target", budget);
         {
             let mut table = tx.open_table(IDS).map_err(kerr)?;
+            let mut table = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(kerr)?;
             let mut changes = changes.finish().map_err(io)?.peekable();
             for row in ids.finish().map_err(io)? {
                 let (id, position) = row.map_err(io)?;
-                table.insert(id.0.as_slice(), position).map_err(kerr)?;
+                table.insert_before(id.0.as_slice(), position).map_err(kerr)?;
                 while let Some(Ok(((target, _), _))) = changes.peek()
                     && *target <= id
                 {
@@ -140,6 +143,7 @@ impl BulkLoad for SortedBuild<'_> {
             for c in changes {
                 c.map_err(io)?;
             }
+            table.close().map_err(kerr)?;
         }
         // The changed records, each rewritten once with its changes in log order.
         {
@@ -180,16 +184,25 @@ impl BulkLoad for SortedBuild<'_> {
             let mut by_subject = tx.open_table(BY_SUBJECT).map_err(kerr)?;
             let mut by_predicate = tx.open_table(BY_PREDICATE).map_err(kerr)?;
             let mut by_agent = tx.open_table(BY_AGENT).map_err(kerr)?;
+            let end = Bound::<&[u8]>::Unbounded;
+            let mut by_pair = by_pair.upper_bound_mut(end).map_err(kerr)?;
+            let mut by_subject = by_subject.upper_bound_mut(end).map_err(kerr)?;
+            let mut by_predicate = by_predicate.upper_bound_mut(end).map_err(kerr)?;
+            let mut by_agent = by_agent.upper_bound_mut(end).map_err(kerr)?;
             for row in index.finish().map_err(io)? {
                 let ((table, key), value) = row.map_err(io)?;
                 match table {
-                    TO_PAIR => by_pair.insert(key.as_slice(), value),
-                    TO_SUBJECT => by_subject.insert(key.as_slice(), ()).map(|_| None),
-                    TO_PREDICATE => by_predicate.insert(key.as_slice(), ()).map(|_| None),
-                    _ => by_agent.insert(key.as_slice(), ()).map(|_| None),
+                    TO_PAIR => by_pair.insert_before(key.as_slice(), value),
+                    TO_SUBJECT => by_subject.insert_before(key.as_slice(), ()),
+                    TO_PREDICATE => by_predicate.insert_before(key.as_slice(), ()),
+                    _ => by_agent.insert_before(key.as_slice(), ()),
                 }
                 .map_err(kerr)?;
             }
+            for cursor in [by_subject, by_predicate, by_agent] {
+                cursor.close().map_err(kerr)?;
+            }
+            by_pair.close().map_err(kerr)?;
         }
         tx.open_table(META).map_err(kerr)?.insert("checkpoint", last).map_err(kerr)?;
         tx.commit().map_err(kerr)?;
@@ -201,7 +214,9 @@ impl SortedBuild<'_> {
     /// Appends the records and log rows of `records` and sorts the rest.
     fn append(&mut self, tx: &WriteTransaction, records: &[LogRecord]) -> Result<(), ProjectionError> {
         let mut log = tx.open_table(LOG).map_err(kerr)?;
+        let mut log = log.upper_bound_mut(Bound::<u64>::Unbounded).map_err(kerr)?;
         let mut stored = tx.open_table(RECORDS).map_err(kerr)?;
+        let mut stored = stored.upper_bound_mut(Bound::<u64>::Unbounded).map_err(kerr)?;
         for r in records {
             let p = r.position;
             match &r.event {
@@ -209,11 +224,11 @@ impl SortedBuild<'_> {
                     for s in &a.supersedes {
                         self.changes.push((*s, p), Change::SupersededBy(*id), 128).map_err(io)?;
                     }
-                    log.insert(p, (id.0.as_slice(), KIND_ASSERTED, ns(&r.recorded_at))).map_err(kerr)?;
+                    log.insert_before(p, (id.0.as_slice(), KIND_ASSERTED, ns(&r.recorded_at))).map_err(kerr)?;
                     let record = NewRecord { position: p, recorded_at: r.recorded_at, assertion: a, retraction: None, superseded_by: &[] };
                     self.encoded.clear();
                     rmp_serde::encode::write_named(&mut self.encoded, &record).map_err(kerr)?;
-                    stored.insert(p, self.encoded.as_slice()).map_err(kerr)?;
+                    stored.insert_before(p, self.encoded.as_slice()).map_err(kerr)?;
                     self.ids.push(*id, p, 80).map_err(io)?;
                     let pk = pair_key(&a.subject, &a.predicate);
                     let rows = [
@@ -228,7 +243,7 @@ impl SortedBuild<'_> {
                     }
                 }
                 Event::AssertionRetracted(rt) => {
-                    log.insert(p, (rt.id.0.as_slice(), KIND_RETRACTED, ns(&r.recorded_at))).map_err(kerr)?;
+                    log.insert_before(p, (rt.id.0.as_slice(), KIND_RETRACTED, ns(&r.recorded_at))).map_err(kerr)?;
                     let retraction = StoredRetraction {
                         position: p,
                         recorded_at: r.recorded_at,
@@ -242,6 +257,7 @@ impl SortedBuild<'_> {
             }
             self.last = p;
         }
-        Ok(())
+        log.close().map_err(kerr)?;
+        stored.close().map_err(kerr)
     }
 }

@@ -15,15 +15,17 @@
 //! Rows are those the incremental path writes, so verification cannot
 //! tell how a store was built.
 
+use std::ops::Bound;
+
 use redb::{Durability, ReadableTable};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::{LensStore, META, OWNERS, PAIRS, e};
-use crate::lens::{LiveSet, Recorded};
+use crate::lens::{Definitions, LiveSet, Recorded};
 use crate::model::{AssertionId, Event, LogRecord};
 use crate::projection::{BulkLoad, ProjectionError, check_continues, pair_key};
-use crate::sort::Sorter;
+use crate::sort::{Merge, Sorter};
 
 /// One change to a pair's live set, sorted by `(pair, position)`.
 #[derive(Serialize, Deserialize)]
@@ -107,10 +109,11 @@ impl BulkLoad for SortedBuild<'_> {
             // the owners table, retractions of unknown ids are ignored).
             {
                 let mut table = tx.open_table(OWNERS).map_err(e)?;
+                let mut table = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(e)?;
                 let mut retractions = retractions.finish().map_err(io)?.peekable();
                 for row in owners.finish().map_err(io)? {
                     let (id, (position, pk)) = row.map_err(io)?;
-                    table.insert(id.0.as_slice(), pk.as_slice()).map_err(e)?;
+                    table.insert_before(id.0.as_slice(), pk.as_slice()).map_err(e)?;
                     while let Some(Ok(((rid, _), ()))) = retractions.peek()
                         && *rid <= id
                     {
@@ -130,30 +133,76 @@ impl BulkLoad for SortedBuild<'_> {
                 for r in retractions {
                     r.map_err(io)?;
                 }
+                table.close().map_err(e)?;
             }
-            // Pairs in key order, each replayed once from its changes.
+            // Pairs in key order, each replayed once from its changes. A
+            // second thread replays and encodes (a third of the work) while
+            // this one appends, so the load uses a core that is free (the
+            // other projections of a rebuild often finish first).
             {
-                let mut pairs = tx.open_table(PAIRS).map_err(e)?;
-                let mut merged = changes.finish().map_err(io)?;
-                let (mut summary, mut live) = (Vec::new(), Vec::new());
+                let mut table = tx.open_table(PAIRS).map_err(e)?;
+                let mut pairs = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(e)?;
+                let merged = changes.finish().map_err(io)?;
                 let defs = &store.defs;
-                while let Some(row) = merged.next() {
-                    let ((pk, _), change) = row.map_err(io)?;
-                    let mut set = LiveSet::default();
-                    apply(&mut set, change);
-                    while merged.peek_key().is_some_and(|(next, _)| *next == pk) {
-                        let Some(row) = merged.next() else { break };
-                        apply(&mut set, row.map_err(io)?.1);
-                    }
-                    super::encode_pair(&set, defs, &mut summary, &mut live)?;
-                    pairs.insert(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
-                }
+                let (send, receive) = std::sync::mpsc::sync_channel::<Vec<EncodedPair>>(8);
+                std::thread::scope(|scope| {
+                    let encoder = std::thread::Builder::new()
+                        .name("rebuild-lenses-encode".into())
+                        .spawn_scoped(scope, move || encode_pairs(merged, defs, send))
+                        .map_err(|x| e(format!("cannot start the encoder thread: {x}")))?;
+                    let appended = (|| {
+                        for batch in receive {
+                            for (pk, summary, live) in batch {
+                                pairs.insert_before(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
+                            }
+                        }
+                        Ok::<(), ProjectionError>(())
+                    })();
+                    // On an append error the receiver is gone, which stops the encoder.
+                    let encoded = encoder.join().unwrap_or_else(|_| Err(e("the encoder thread panicked")));
+                    appended.and(encoded)
+                })?;
+                pairs.close().map_err(e)?;
             }
             meta.insert("checkpoint", last).map_err(e)?;
         }
         tx.commit().map_err(e)?;
         Ok(last)
     }
+}
+
+/// A pair's key, encoded summary and encoded live set.
+type EncodedPair = (ByteBuf, Vec<u8>, Vec<u8>);
+
+/// Replays each pair's changes (sorted by pair, then position) into its
+/// live set and sends the encoded rows, in key order, in batches; stops
+/// early if the receiver is gone.
+fn encode_pairs(
+    mut merged: Merge<(ByteBuf, u64), Change>,
+    defs: &Definitions,
+    send: std::sync::mpsc::SyncSender<Vec<EncodedPair>>,
+) -> Result<(), ProjectionError> {
+    const BATCH: usize = 256;
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(row) = merged.next() {
+        let ((pk, _), change) = row.map_err(io)?;
+        let mut set = LiveSet::default();
+        apply(&mut set, change);
+        while merged.peek_key().is_some_and(|(next, _)| *next == pk) {
+            let Some(row) = merged.next() else { break };
+            apply(&mut set, row.map_err(io)?.1);
+        }
+        let (mut summary, mut live) = (Vec::new(), Vec::new());
+        super::encode_pair(&set, defs, &mut summary, &mut live)?;
+        batch.push((pk, summary, live));
+        if batch.len() == BATCH && send.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_err() {
+            return Ok(());
+        }
+    }
+    if !batch.is_empty() {
+        let _ = send.send(batch);
+    }
+    Ok(())
 }
 
 fn apply(set: &mut LiveSet, change: Change) {
