@@ -124,6 +124,15 @@ async fn ship_then_restore_latest_answers_the_same() {
     let copy = common::Server::start(&restored, &[]);
     let after = corpus::snapshot(&c, &copy, &corpus, 30, 5).await;
     corpus::assert_same(&before, &after, "writer vs. its restore");
+    // The restored id index knows every id: re-posting old assertions is
+    // answered as a duplicate of the original, from the first request on.
+    for k in [1, 1_201, corpus.ids.len() - 3] {
+        assert!(!k.is_multiple_of(11), "item {k} may carry a supersedes");
+        let (body, _) = corpus::item(k, corpus.subjects);
+        let (st, _, r) = common::post_json(&c, &copy.url("/v1/assertions"), &body).await;
+        assert_eq!((st, r["status"].as_str()), (200, Some("duplicate")), "item {k}: {r}");
+        assert_eq!((r["id"].as_str(), r["position"].as_u64()), (Some(corpus.ids[k].0.as_str()), Some(corpus.ids[k].1)), "item {k}: {r}");
+    }
 
     // A non-empty target is refused unless --force.
     let url = s3.url("db1");

@@ -129,7 +129,7 @@ fn rebuild_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let summary = rebuild_offline_projections(data, a.projections_dir.as_deref(), &chosen, true, None)?;
+    let (summary, _) = rebuild_offline_projections(data, a.projections_dir.as_deref(), &chosen, true, None, &[])?;
     // One JSON line per projection, then the total.
     for p in summary["projections"].as_array().into_iter().flatten() {
         println!("{p}");
@@ -155,7 +155,8 @@ pub fn rebuild_offline_projections(
     names: &[String],
     show_progress: bool,
     verified_head: Option<u64>,
-) -> anyhow::Result<serde_json::Value> {
+    extra: &[&dyn crate::projection::Projection],
+) -> anyhow::Result<(serde_json::Value, Vec<std::time::Duration>)> {
     let head = match verified_head {
         Some(h) => h,
         None => log_head(data)?,
@@ -182,11 +183,12 @@ pub fn rebuild_offline_projections(
     // One pass over the log feeds every projection (decoded once), each
     // bulk-loaded by its own thread.
     let chosen: Vec<&dyn Rebuildable> = slots.iter().map(|s| &**s).collect();
-    let times = rebuild_offline_many(&chosen, &data.wal_dir(), head, &|i, p| {
+    let mut times = rebuild_offline_many(&chosen, extra, &data.wal_dir(), head, &|i, p| {
         if let Some(bar) = bars.get(i) {
             bar.set_position(p);
         }
     })?;
+    let extra_times = times.split_off(slots.len().min(times.len()));
     let per_projection: Vec<Value> = slots
         .iter()
         .zip(times)
@@ -198,12 +200,13 @@ pub fn rebuild_offline_projections(
         })
         .collect();
     let secs = started.elapsed().as_secs_f64();
-    Ok(json!({
+    let summary = json!({
         "projections": per_projection,
         "events": head,
         "seconds": secs,
         "events_per_sec": head as f64 / secs.max(1e-9),
-    }))
+    });
+    Ok((summary, extra_times))
 }
 
 fn verify_offline(data: &DataArgs, a: &RebuildArgs) -> anyhow::Result<i32> {

@@ -17,6 +17,8 @@ use crate::archive::layout::{self, WriterRecord};
 use crate::archive::shipper::{self, read_writer};
 use crate::archive::{ArchiveError, Remote};
 use crate::config::{DataArgs, S3Args};
+use crate::model::LogRecord;
+use crate::projection::{BulkLoad, Projection, ProjectionError};
 use crate::wal::lock::DirLock;
 use crate::wal::segment;
 
@@ -117,20 +119,14 @@ pub fn restore(data: &DataArgs, a: RestoreArgs) -> anyhow::Result<i32> {
         bail!("the restored log ends at {}, expected {}", report.last_position, cut.position);
     }
     let t = Instant::now();
-    // The write path's id index is built beside the projections, so the
-    // restored directory accepts writes as soon as it starts.
-    let (rebuilt, ids) = std::thread::scope(|scope| {
-        let ids = scope.spawn(|| {
-            let t = Instant::now();
-            std::fs::create_dir_all(data.db_dir())?;
-            crate::ingest::committer::build_id_index(&data.wal_dir(), &data.id_index_path(), cut.position)?;
-            Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64())
-        });
-        let rebuilt =
-            crate::cli::admin::rebuild_offline_projections(data, a.projections_dir.as_deref(), &names, !a.quiet, Some(cut.position));
-        (rebuilt, ids.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the id index thread panicked"))))
-    });
-    let (rebuilt, id_index_secs) = (rebuilt?, ids?);
+    // The write path's id index is built from the same log pass as the
+    // projections, so the restored directory accepts writes as soon as it
+    // starts.
+    std::fs::create_dir_all(data.db_dir())?;
+    let ids = IdIndexLoad::open(&data.id_index_path())?;
+    let (rebuilt, extra) =
+        crate::cli::admin::rebuild_offline_projections(data, a.projections_dir.as_deref(), &names, !a.quiet, Some(cut.position), &[&ids])?;
+    let id_index_secs = extra.first().map(|d| d.as_secs_f64()).unwrap_or_default();
     let rebuild_secs = t.elapsed().as_secs_f64();
     let summary = json!({
         "restored_from": remote.url(),
@@ -313,4 +309,67 @@ async fn takeover(data: &DataArgs, remote: &Remote) -> anyhow::Result<i32> {
     remote.overwrite(layout::WRITER_KEY, serde_json::to_vec_pretty(&rec)?).await?;
     println!("{}", json!({"archive": remote.url(), "previous": old, "writer": rec}));
     Ok(0)
+}
+
+/// The write path's id index as one more consumer of the restore's single
+/// log pass: it is only ever bulk-loaded here (see
+/// [`SortedLoad`](crate::ingest::id_index::SortedLoad)).
+struct IdIndexLoad {
+    index: std::sync::Mutex<crate::ingest::id_index::IdIndex>,
+    path: std::path::PathBuf,
+}
+
+impl IdIndexLoad {
+    /// Opens the index at `path`, emptied if it holds anything (a forced
+    /// restore over an old directory).
+    fn open(path: &std::path::Path) -> anyhow::Result<IdIndexLoad> {
+        let mut index = crate::ingest::id_index::IdIndex::open(path)?;
+        if index.checkpoint()? != 0 {
+            index.clear()?;
+        }
+        Ok(IdIndexLoad { index: std::sync::Mutex::new(index), path: path.to_path_buf() })
+    }
+}
+
+fn ids_err(e: impl std::fmt::Display) -> ProjectionError {
+    ProjectionError { projection: "ids", message: e.to_string() }
+}
+
+impl Projection for IdIndexLoad {
+    fn name(&self) -> &'static str {
+        "ids"
+    }
+
+    fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        self.index.lock().map_err(ids_err)?.checkpoint().map_err(ids_err)
+    }
+
+    fn apply(&self, _: &[LogRecord]) -> Result<u64, ProjectionError> {
+        Err(ids_err("the id index is only bulk-loaded by a restore"))
+    }
+
+    fn flush(&self) -> Result<u64, ProjectionError> {
+        self.checkpoint()
+    }
+
+    fn bulk_load(&self) -> Result<Option<Box<dyn BulkLoad + '_>>, ProjectionError> {
+        Ok(Some(Box::new(IdIndexBulk { index: &self.index, load: crate::ingest::id_index::SortedLoad::new(&self.path) })))
+    }
+}
+
+/// [`IdIndexLoad`]'s bulk load.
+struct IdIndexBulk<'a> {
+    index: &'a std::sync::Mutex<crate::ingest::id_index::IdIndex>,
+    load: crate::ingest::id_index::SortedLoad,
+}
+
+impl BulkLoad for IdIndexBulk<'_> {
+    fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        records.iter().try_for_each(|r| self.load.push(r)).map_err(ids_err)
+    }
+
+    fn finish(self: Box<Self>) -> Result<u64, ProjectionError> {
+        let mut index = self.index.lock().map_err(ids_err)?;
+        self.load.finish(&mut index).map_err(ids_err)
+    }
 }

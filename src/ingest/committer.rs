@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::id_index::{self, IdEntry, IdIndex, IndexHandle, IndexReader};
 use super::unindexed::Unindexed;
 use crate::model::{Assertion, AssertionId, Event, Retraction};
-use crate::sort::Sorter;
 use crate::wal::{WalError, WalReader, WalWriter, WriterOptions};
 
 /// One thing to append.
@@ -228,15 +227,6 @@ impl Ingest {
     }
 }
 
-/// Brings the id index at `index_path` up to the end of the log in
-/// `wal_dir` (a stopped server's, under its lock). `stemedb restore` calls
-/// it so that the restored directory's first start does not spend seconds
-/// indexing a million ids before it accepts writes.
-pub fn build_id_index(wal_dir: &std::path::Path, index_path: &std::path::Path, head: u64) -> anyhow::Result<()> {
-    let mut index = IdIndex::open(index_path)?;
-    catch_up_index(&mut index, index_path, wal_dir, head)
-}
-
 /// Re-reads the WAL after the index's checkpoint into the index.
 fn catch_up_index(index: &mut IdIndex, index_path: &std::path::Path, wal_dir: &std::path::Path, head: u64) -> anyhow::Result<()> {
     let mut from = index.checkpoint()?;
@@ -275,9 +265,7 @@ fn catch_up_index(index: &mut IdIndex, index_path: &std::path::Path, wal_dir: &s
     Ok(())
 }
 
-/// [`catch_up_index`] into an empty index: the whole log's ids and
-/// retractions are sorted (spilling beside the index past 64 MiB) and
-/// loaded in one transaction.
+/// [`catch_up_index`] into an empty index: see [`id_index::SortedLoad`].
 fn load_index_sorted(
     index: &mut IdIndex,
     index_path: &std::path::Path,
@@ -285,24 +273,13 @@ fn load_index_sorted(
     head: u64,
     started: Instant,
 ) -> anyhow::Result<()> {
-    let dir = crate::projection::slot::sibling(index_path, "sort");
-    let mut ids: Sorter<AssertionId, (u64, u64, u64)> = Sorter::new(&dir, "ids", 48 << 20);
-    let mut retractions: Sorter<AssertionId, u64> = Sorter::new(&dir, "retractions", 16 << 20);
+    let mut load = id_index::SortedLoad::new(index_path);
     let mut reader = WalReader::open(wal_dir, 1)?;
     reader.set_until(head);
-    let mut last = 0;
     while let Some(rec) = reader.next_record()? {
-        match &rec.event {
-            Event::AssertionRecorded { id, assertion } => {
-                let e = IdEntry::of(assertion, rec.position);
-                ids.push(*id, (e.position, e.agent, e.pair), 96)?;
-            }
-            Event::AssertionRetracted(r) => retractions.push(r.id, rec.position, 72)?,
-        }
-        last = rec.position;
+        load.push(&rec)?;
     }
-    let ids = ids.finish()?.map(|r| r.map(|(id, (position, agent, pair))| (id, IdEntry { position, agent, pair })));
-    index.load_sorted(ids, retractions.finish()?, last)?;
+    let last = load.finish(index)?;
     tracing::info!(to = last, elapsed_ms = started.elapsed().as_millis() as u64, "id index built from the WAL");
     Ok(())
 }

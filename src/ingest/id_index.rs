@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::model::{Assertion, AssertionId};
+use crate::model::{Assertion, AssertionId, Event, LogRecord};
+use crate::sort::Sorter;
 
 // Keys are byte slices rather than `[u8; 32]`: redb compares slices with
 // memcmp but arrays element by element, which profiled as a hot spot.
@@ -212,6 +213,45 @@ impl IdIndex {
         self.dirty = false;
         self.last_durable = Instant::now();
         Ok(())
+    }
+}
+
+/// Builds an empty index from a whole log in one pass: ids and
+/// retractions arrive in random order, so they are sorted (spilling
+/// beside the index, `<index>.sort/`, past 64 MiB) and appended in key
+/// order by [`IdIndex::load_sorted`], which writes each page once.
+pub struct SortedLoad {
+    ids: Sorter<AssertionId, (u64, u64, u64)>,
+    retractions: Sorter<AssertionId, u64>,
+    last: u64,
+}
+
+impl SortedLoad {
+    /// A load for the index at `index_path`.
+    pub fn new(index_path: &Path) -> SortedLoad {
+        let dir = crate::projection::slot::sibling(index_path, "sort");
+        SortedLoad { ids: Sorter::new(&dir, "ids", 48 << 20), retractions: Sorter::new(&dir, "retractions", 16 << 20), last: 0 }
+    }
+
+    /// Takes the next record of the log (in log order).
+    pub fn push(&mut self, r: &LogRecord) -> Result<(), IndexError> {
+        match &r.event {
+            Event::AssertionRecorded { id, assertion } => {
+                let e = IdEntry::of(assertion, r.position);
+                self.ids.push(*id, (e.position, e.agent, e.pair), 96).map_err(err)?;
+            }
+            Event::AssertionRetracted(rt) => self.retractions.push(rt.id, r.position, 72).map_err(err)?,
+        }
+        self.last = r.position;
+        Ok(())
+    }
+
+    /// Writes everything into `index`, which must be empty; returns the
+    /// last position loaded (the index's checkpoint).
+    pub fn finish(self, index: &mut IdIndex) -> Result<u64, IndexError> {
+        let ids = self.ids.finish().map_err(err)?.map(|r| r.map(|(id, (position, agent, pair))| (id, IdEntry { position, agent, pair })));
+        index.load_sorted(ids, self.retractions.finish().map_err(err)?, self.last)?;
+        Ok(self.last)
     }
 }
 

@@ -162,8 +162,12 @@ pub trait Rebuildable: Send + Sync {
 /// shadow is durable before it is renamed over its live store; if any
 /// fails, every shadow is deleted and every live store stays as it was.
 /// `progress(i, position)` reports slot `i`. Returns each slot's time.
+///
+/// `extra` stores (fresh, never installed: a restore's id index) are fed
+/// from the same pass; their times follow the slots' in the result.
 pub fn rebuild_offline_many(
     slots: &[&dyn Rebuildable],
+    extra: &[&dyn Projection],
     wal_dir: &std::path::Path,
     head: u64,
     progress: &(dyn Fn(usize, u64) + Sync),
@@ -173,7 +177,8 @@ pub fn rebuild_offline_many(
         for slot in slots {
             shadows.push(slot.open_shadow_store()?);
         }
-        let stores: Vec<&dyn Projection> = shadows.iter().map(|s| &**s).collect();
+        let mut stores: Vec<&dyn Projection> = shadows.iter().map(|s| &**s).collect();
+        stores.extend_from_slice(extra);
         let done = bulk_replay(&stores, wal_dir, head, &|i, p| {
             progress(i, p);
             true
