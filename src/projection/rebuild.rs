@@ -154,6 +154,8 @@ pub trait Rebuildable: Send + Sync {
     fn install_shadow_offline(&self) -> Result<(), ProjectionError>;
     /// Deletes the shadow store's files.
     fn remove_shadow(&self);
+    /// Where the shadow store lives (a file or a directory).
+    fn shadow_location(&self) -> std::path::PathBuf;
 }
 
 /// Rebuilds `slots` offline (the caller holds the WAL lock) from one pass
@@ -179,9 +181,16 @@ pub fn rebuild_offline_many(
         }
         let mut stores: Vec<&dyn Projection> = shadows.iter().map(|s| &**s).collect();
         stores.extend_from_slice(extra);
-        let done = bulk_replay(&stores, wal_dir, head, &|i, p| {
-            progress(i, p);
-            true
+        let locations: Vec<std::path::PathBuf> = slots.iter().map(|s| s.shadow_location()).collect();
+        let loading = AtomicBool::new(true);
+        let done = std::thread::scope(|scope| {
+            scope.spawn(|| write_back_while(&loading, &locations));
+            let done = bulk_replay(&stores, wal_dir, head, &|i, p| {
+                progress(i, p);
+                true
+            });
+            loading.store(false, Ordering::Release);
+            done
         })?;
         for s in &shadows {
             s.flush()?;
@@ -200,6 +209,36 @@ pub fn rebuild_offline_many(
                 slot.remove_shadow();
             }
             Err(e)
+        }
+    }
+}
+
+/// Pushes the shadows' written pages to disk every half second while a
+/// bulk load runs. A load writes gigabytes through the page cache, which
+/// the kernel would otherwise hold dirty until the final durable commit
+/// fsyncs them all at once, with every core idle; flushed as they come,
+/// that commit has little left to wait for.
+fn write_back_while(loading: &AtomicBool, locations: &[std::path::PathBuf]) {
+    let tick = Duration::from_millis(50);
+    let mut waited = Duration::ZERO;
+    while loading.load(Ordering::Acquire) {
+        std::thread::sleep(tick);
+        waited += tick;
+        if waited < Duration::from_millis(500) {
+            continue;
+        }
+        waited = Duration::ZERO;
+        for location in locations {
+            let files: Vec<std::path::PathBuf> = match std::fs::read_dir(location) {
+                Ok(dir) => dir.flatten().map(|e| e.path()).collect(),
+                Err(_) => vec![location.clone()],
+            };
+            for file in files {
+                // Best effort: the load's own durable commit is what counts.
+                if let Ok(f) = std::fs::File::open(&file) {
+                    let _ = f.sync_data();
+                }
+            }
         }
     }
 }
@@ -292,6 +331,10 @@ impl<T: Projection> Rebuildable for Slot<T> {
 
     fn remove_shadow(&self) {
         self.discard_shadow();
+    }
+
+    fn shadow_location(&self) -> std::path::PathBuf {
+        self.shadow_path()
     }
 
     fn verify(&self, wal_dir: &std::path::Path) -> Result<super::verify::Comparison, ProjectionError> {
