@@ -183,6 +183,12 @@ where
     pub(crate) fn peek_key(&self) -> Option<&K> {
         self.heap.peek().map(|h| &h.0.key)
     }
+
+    /// The next row if its key satisfies `take`: the step of a merge-join
+    /// that consumes this stream up to the other stream's current key.
+    pub(crate) fn next_if_key(&mut self, take: impl FnOnce(&K) -> bool) -> Option<std::io::Result<(K, V)>> {
+        if self.peek_key().is_some_and(take) { self.next() } else { None }
+    }
 }
 
 impl<K, V> Iterator for Merge<K, V>

@@ -110,22 +110,15 @@ impl BulkLoad for SortedBuild<'_> {
             {
                 let mut table = tx.open_table(OWNERS).map_err(e)?;
                 let mut table = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(e)?;
-                let mut retractions = retractions.finish().map_err(io)?.peekable();
+                let mut retractions = retractions.finish().map_err(io)?;
                 for row in owners.finish().map_err(io)? {
                     let (id, (position, pk)) = row.map_err(io)?;
                     table.insert_before(id.0.as_slice(), pk.as_slice()).map_err(e)?;
-                    while let Some(Ok(((rid, _), ()))) = retractions.peek()
-                        && *rid <= id
-                    {
-                        let Some(Ok(((rid, at), ()))) = retractions.next() else { break };
+                    while let Some(r) = retractions.next_if_key(|(rid, _)| *rid <= id) {
+                        let ((rid, at), ()) = r.map_err(io)?;
                         if rid == id && at > position {
                             changes.push((pk.clone(), at), Change::Retract(rid), 96 + pk.len()).map_err(io)?;
                         }
-                    }
-                    if let Some(Err(_)) = retractions.peek()
-                        && let Some(Err(x)) = retractions.next()
-                    {
-                        return Err(io(x));
                     }
                 }
                 // Whatever is left retracts ids never recorded; still,
