@@ -38,11 +38,11 @@ pub struct ProjectionError {
 /// the process over its memory budget).
 pub const STORE_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
-/// Memory a bulk load may hold in rows not yet written, per store, unless
-/// `STEMEDB_REBUILD_BUFFER_MB` says otherwise. A rebuild of kv + lenses
-/// holds about this much per store plus the redb caches, so it stays under
-/// 1 GiB whatever the log's size; more memory means fewer, larger
-/// transactions (each one rewrites every B-tree leaf it touches).
+/// Memory a bulk load may hold in rows it sorts, per store, before it
+/// spills a sorted run to disk, unless `STEMEDB_REBUILD_BUFFER_MB` says
+/// otherwise. A rebuild of kv + lenses holds about this much per store
+/// plus the redb caches, so it stays far under 1 GiB whatever the log's
+/// size; more memory only means fewer runs to merge.
 pub const BULK_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
 /// [`BULK_BUFFER_BYTES`], or `STEMEDB_REBUILD_BUFFER_MB` mebibytes.
@@ -81,9 +81,10 @@ pub(crate) fn approx_bytes(a: &crate::model::Assertion) -> usize {
 
 /// Applies the log to a fresh store that nobody reads yet (an offline or
 /// shadow rebuild). A store's `apply` must commit every batch, because
-/// readers see each commit; a bulk load may instead hold many batches in
-/// memory (up to [`BULK_BUFFER_BYTES`]) and write them in a few large
-/// sorted transactions, which is what makes a rebuild fast. The rows
+/// readers see each commit, and updates rows in place; a bulk load instead
+/// sorts the whole log's rows (an external sort within
+/// [`BULK_BUFFER_BYTES`] of memory) and appends every table in key order
+/// in one transaction, which is what makes a rebuild fast. The rows
 /// written are the same as `apply`'s, so readers and verification cannot
 /// tell how a store was built.
 pub trait BulkLoad: Send {
