@@ -84,6 +84,13 @@ pub struct ServeArgs {
     /// `/v1/ready` answers 503 when a projection is more than this many events behind.
     #[arg(long, env = "STEMEDB_READY_MAX_LAG", default_value_t = 10_000)]
     pub ready_max_lag: u64,
+    /// Page cache of each projection store, in MiB. Lens and KV reads are
+    /// fastest when the stores fit (a lens read that misses it costs a
+    /// file read and a page allocation); offline tools (`admin
+    /// rebuild-projections`, `restore`) default to 256 MiB instead, to
+    /// bound their memory.
+    #[arg(long, env = "STEMEDB_STORE_CACHE_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub store_cache_mb: u64,
     /// Serve `/v1/admin/` even on a non-loopback address.
     #[arg(long, env = "STEMEDB_ADMIN_ENABLED", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub admin_enabled: bool,

@@ -4,6 +4,7 @@
 //! Timed limits never live in tests; they live here and in `benches/`, and
 //! the results go to `docs/performance.md`.
 
+pub mod conn;
 pub mod data;
 pub mod ingest;
 pub mod lag;
@@ -28,7 +29,11 @@ pub enum BenchCommand {
 
 /// Runs a bench subcommand.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let BenchCommand::Query(args) = &cmd {
+        rt.worker_threads(args.threads.max(1));
+    }
+    let rt = rt.enable_all().build()?;
     match cmd {
         BenchCommand::Ingest(args) => rt.block_on(ingest::run(args)),
         BenchCommand::Query(args) => rt.block_on(query::run(args)),

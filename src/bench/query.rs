@@ -1,12 +1,14 @@
 //! `stemedb bench query`: lens reads at high concurrency over a dataset it
 //! first loads (a mix of contested and unanimous pairs).
 
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+use super::conn::Conn;
 use super::report;
 
 /// Options of `bench query`.
@@ -30,6 +32,10 @@ pub struct QueryArgs {
     /// Pairs to query when the dataset is already loaded (`--assertions 0`).
     #[arg(long, default_value_t = 100_000)]
     pub pairs: u64,
+    /// Client threads. One (the default) leaves the other core to the
+    /// server when both share a 2-core machine, like `wrk -t1`.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
     /// Tag that makes subjects of this run distinct from earlier runs.
     #[arg(long, default_value = "q")]
     pub tag: String,
@@ -122,24 +128,26 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..args.connections {
-        let client = client.clone();
         let args = args.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::SmallRng::seed_from_u64(1000 + w as u64);
             let mut hist = report::new_histogram();
             let (mut ops, mut errors) = (0u64, 0u64);
+            let mut conn = Conn::open(&args.url).await?;
+            let mut path = String::with_capacity(128);
             while Instant::now() < deadline {
                 let i = rng.gen_range(0..pairs);
                 let lens = LENSES[rng.gen_range(0..LENSES.len())];
-                let url = format!("{}/v1/lenses/{lens}?subject={}&predicate=max_daily_dose_mg", args.url, pair_subject(&args.tag, i));
+                path.clear();
+                let _ = write!(path, "/v1/lenses/{lens}?subject={}&predicate=max_daily_dose_mg", pair_subject(&args.tag, i));
                 let t = Instant::now();
-                let ok = match client.get(&url).send().await {
-                    Ok(r) => {
-                        let ok = r.status().is_success();
-                        let _ = r.bytes().await;
-                        ok
+                let ok = match conn.get(&path).await {
+                    Ok((status, _)) => status.is_success(),
+                    Err(_) => {
+                        // The connection is gone: count the error, reconnect.
+                        conn = Conn::open(&args.url).await?;
+                        false
                     }
-                    Err(_) => false,
                 };
                 let _ = hist.record((t.elapsed().as_micros() as u64).max(1));
                 ops += 1;
@@ -147,13 +155,13 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<i32> {
                     errors += 1;
                 }
             }
-            (ops, errors, hist)
+            anyhow::Ok((ops, errors, hist))
         }));
     }
     let mut hist = report::new_histogram();
     let (mut ops, mut errors) = (0, 0);
     for t in tasks {
-        let (o, e, h) = t.await?;
+        let (o, e, h) = t.await??;
         ops += o;
         errors += e;
         hist.add(&h)?;

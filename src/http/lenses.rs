@@ -4,11 +4,13 @@
 //! recomputes from the pair's live set (the reference time is now); `as_of`
 //! replays the pair's history from the KV view up to that transaction time.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 
 use super::AppState;
 use super::consistency;
@@ -25,22 +27,32 @@ fn unknown_lens(name: &str) -> Problem {
         .with("lenses", names)
 }
 
-/// The JSON of one resolution (without the envelope).
-pub fn resolution_json(r: &Resolution) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("winner".into(), serde_json::to_value(&r.winner).unwrap_or(Value::Null));
-    m.insert("claims".into(), serde_json::to_value(&r.claims).unwrap_or(Value::Null));
-    m.insert("conflict".into(), serde_json::to_value(&r.conflict).unwrap_or(Value::Null));
-    if let Some(tiers) = &r.tiers {
-        let t: Map<String, Value> =
-            tiers.iter().map(|(tier, res)| (tier.as_str().to_string(), Value::Object(resolution_json(res)))).collect();
-        m.insert("tiers".into(), Value::Object(t));
-    }
-    m
+/// A lens answer: the envelope and the resolution's fields side by side.
+/// Serialized straight into the response body (not through a
+/// `serde_json::Value`), because lens reads are the hottest path there is.
+#[derive(Serialize)]
+pub struct Answer {
+    subject: String,
+    predicate: String,
+    lens: &'static str,
+    as_of: Option<String>,
+    decay: bool,
+    position: u64,
+    #[serde(flatten)]
+    resolution: Resolution,
+}
+
+/// The answer of `GET /v1/subjects/{subject}`.
+#[derive(Serialize)]
+pub struct SubjectAnswer {
+    subject: String,
+    lens: &'static str,
+    position: u64,
+    predicates: BTreeMap<String, Resolution>,
 }
 
 /// `GET /v1/lenses/{lens}?subject=S&predicate=P[&as_of=T][&decay=true]`
-pub async fn query(State(st): State<AppState>, Path(name): Path<String>, RawQuery(q): RawQuery) -> Result<Json<Value>, Problem> {
+pub async fn query(State(st): State<AppState>, Path(name): Path<String>, RawQuery(q): RawQuery) -> Result<Json<Answer>, Problem> {
     let lens = Lens::parse(&name).ok_or_else(|| unknown_lens(&name))?;
     let params = Params::parse(q.as_deref(), &["subject", "predicate", "as_of", "decay"])?;
     let subject = params.required("subject")?.to_string();
@@ -52,15 +64,7 @@ pub async fn query(State(st): State<AppState>, Path(name): Path<String>, RawQuer
     let needs = if as_of.is_some() { ["kv"].as_slice() } else { ["lenses"].as_slice() };
     consistency::wait(&st, &params, needs).await?;
     let (resolution, position) = resolve(&st, lens, &subject, &predicate, as_of, decay).await?;
-    let mut body = Map::new();
-    body.insert("subject".into(), json!(subject));
-    body.insert("predicate".into(), json!(predicate));
-    body.insert("lens".into(), json!(lens.as_str()));
-    body.insert("as_of".into(), json!(as_of.map(|t| time::format(&t))));
-    body.insert("decay".into(), json!(decay));
-    body.insert("position".into(), json!(position));
-    body.extend(resolution_json(&resolution));
-    Ok(Json(Value::Object(body)))
+    Ok(Json(Answer { subject, predicate, lens: lens.as_str(), as_of: as_of.map(|t| time::format(&t)), decay, position, resolution }))
 }
 
 async fn resolve(
@@ -103,16 +107,17 @@ async fn resolve(
         }
         None => {
             let store = st.read.lenses.load();
-            point(move || {
-                let (summary, position) = store.summary(&s, &p)?;
-                Ok((summary.resolution(lens), position))
-            })
+            point(move || store.resolution(&s, &p, lens))
         }
     }
 }
 
 /// `GET /v1/subjects/{subject}?lens=L`
-pub async fn subject(State(st): State<AppState>, Path(subject): Path<String>, RawQuery(q): RawQuery) -> Result<Json<Value>, Problem> {
+pub async fn subject(
+    State(st): State<AppState>,
+    Path(subject): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<SubjectAnswer>, Problem> {
     let params = Params::parse(q.as_deref(), &["lens"])?;
     let name = params.str("lens").unwrap_or("consensus");
     let lens = Lens::parse(name).ok_or_else(|| unknown_lens(name))?;
@@ -120,7 +125,6 @@ pub async fn subject(State(st): State<AppState>, Path(subject): Path<String>, Ra
     let store = st.read.lenses.load();
     let s = subject.clone();
     let (rows, position) = blocking(move || store.subject(&s)).await?;
-    let predicates: Map<String, Value> =
-        rows.into_iter().map(|(p, summary)| (p, Value::Object(resolution_json(&summary.resolution(lens))))).collect();
-    Ok(Json(json!({"subject": subject, "lens": lens.as_str(), "position": position, "predicates": predicates})))
+    let predicates = rows.into_iter().map(|(p, summary)| (p, summary.into_resolution(lens))).collect();
+    Ok(Json(SubjectAnswer { subject, lens: lens.as_str(), position, predicates }))
 }

@@ -21,7 +21,26 @@ impl AssertionId {
 
     /// Lowercase hex, the form clients see.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        self.hex_chars().as_str().to_string()
+    }
+
+    /// The hex form on the stack: ids are serialized into every lens and
+    /// search answer, often dozens per response, so the hot path must not
+    /// allocate a `String` per id.
+    fn hex_chars(&self) -> HexChars {
+        let mut out = [0u8; 64];
+        // The output is exactly twice the input, so this cannot fail.
+        let _ = hex::encode_to_slice(self.0, &mut out);
+        HexChars(out)
+    }
+}
+
+/// 64 lowercase hex digits, always valid ASCII.
+struct HexChars([u8; 64]);
+
+impl HexChars {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
@@ -45,19 +64,19 @@ impl FromStr for AssertionId {
 
 impl fmt::Display for AssertionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        f.write_str(self.hex_chars().as_str())
     }
 }
 
 impl fmt::Debug for AssertionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AssertionId({})", self.to_hex())
+        write!(f, "AssertionId({})", self.hex_chars().as_str())
     }
 }
 
 impl Serialize for AssertionId {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() { s.serialize_str(&self.to_hex()) } else { s.serialize_bytes(&self.0) }
+        if s.is_human_readable() { s.serialize_str(self.hex_chars().as_str()) } else { s.serialize_bytes(&self.0) }
     }
 }
 

@@ -33,10 +33,26 @@ pub struct ProjectionError {
     pub message: String,
 }
 
-/// Page cache of each projection store (redb's default is 1 GiB per
-/// database, which with several stores and a rebuild's shadows would put
-/// the process over its memory budget).
+/// Page cache of each projection store in the offline tools unless
+/// `STEMEDB_STORE_CACHE_MB` says otherwise (redb's default is 1 GiB per
+/// database, which with several stores and their shadows would put a
+/// rebuild over its memory budget). `serve` sets its own, larger, cache
+/// with [`set_store_cache_bytes`]: reads are fastest when the stores fit.
 pub const STORE_CACHE_BYTES: usize = 256 * 1024 * 1024;
+
+static STORE_CACHE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Sets the page cache of every store this process opens from now on; the
+/// first call (or first store opened) wins, so call it before opening any.
+pub fn set_store_cache_bytes(bytes: usize) {
+    let _ = STORE_CACHE.set(bytes.max(1024 * 1024));
+}
+
+/// The page cache of each store: what [`set_store_cache_bytes`] set, else
+/// `STEMEDB_STORE_CACHE_MB` mebibytes, else [`STORE_CACHE_BYTES`].
+pub fn store_cache_bytes() -> usize {
+    *STORE_CACHE.get_or_init(|| env_mib("STEMEDB_STORE_CACHE_MB", STORE_CACHE_BYTES))
+}
 
 /// Memory a bulk load may hold in rows it sorts, per store, before it
 /// spills a sorted run to disk, unless `STEMEDB_REBUILD_BUFFER_MB` says
@@ -48,18 +64,21 @@ pub const BULK_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 /// [`BULK_BUFFER_BYTES`], or `STEMEDB_REBUILD_BUFFER_MB` mebibytes.
 pub fn bulk_buffer_bytes() -> usize {
     static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *BYTES.get_or_init(|| {
-        let Ok(v) = std::env::var("STEMEDB_REBUILD_BUFFER_MB") else { return BULK_BUFFER_BYTES };
-        match v.trim().parse::<usize>() {
-            Ok(mb) if mb > 0 => mb * 1024 * 1024,
-            _ => {
-                // Read deep inside rebuilds, so it cannot stop the start;
-                // say loudly that the value is ignored instead.
-                tracing::warn!(value = %v, "STEMEDB_REBUILD_BUFFER_MB is not a positive whole number of MiB; using the default 64");
-                BULK_BUFFER_BYTES
-            }
+    *BYTES.get_or_init(|| env_mib("STEMEDB_REBUILD_BUFFER_MB", BULK_BUFFER_BYTES))
+}
+
+/// A size in MiB from the environment variable `name`, or `default` bytes.
+/// Read deep inside stores, so a bad value cannot stop the start; it is
+/// said loudly and ignored instead.
+fn env_mib(name: &str, default: usize) -> usize {
+    let Ok(v) = std::env::var(name) else { return default };
+    match v.trim().parse::<usize>() {
+        Ok(mb) if mb > 0 => mb * 1024 * 1024,
+        _ => {
+            tracing::warn!(value = %v, "{name} is not a positive whole number of MiB; using the default {}", default / (1024 * 1024));
+            default
         }
-    })
+    }
 }
 
 /// A rough count of the heap bytes an assertion and its copies take while

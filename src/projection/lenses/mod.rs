@@ -62,21 +62,50 @@ impl Summary {
 
     /// The answer of `lens`.
     pub fn resolution(&self, lens: Lens) -> Resolution {
-        let consensus_winner =
-            || self.claims.first().map(|c| Winner { value: c.value.clone(), confidence: c.share, assertions: c.assertions.clone() });
+        self.clone().into_resolution(lens)
+    }
+
+    /// The answer of `lens`, moving out of the summary instead of cloning.
+    pub fn into_resolution(self, lens: Lens) -> Resolution {
         let (winner, tiers) = match lens {
-            Lens::Recency => (self.recency.clone(), None),
-            Lens::Confidence => (self.confidence.clone(), None),
-            Lens::Authority => (self.authority.clone(), None),
-            Lens::Consensus | Lens::Skeptic => (consensus_winner(), None),
-            Lens::Layered => (self.tiers.values().next().and_then(|r| r.winner.clone()), Some(self.tiers.clone())),
+            Lens::Recency => (self.recency, None),
+            Lens::Confidence => (self.confidence, None),
+            Lens::Authority => (self.authority, None),
+            Lens::Consensus | Lens::Skeptic => (
+                self.claims.first().map(|c| Winner { value: c.value.clone(), confidence: c.share, assertions: c.assertions.clone() }),
+                None,
+            ),
+            Lens::Layered => (self.tiers.values().next().and_then(|r| r.winner.clone()), Some(self.tiers)),
         };
-        Resolution { winner, claims: self.claims.clone(), conflict: self.conflict.clone(), tiers }
+        Resolution { winner, claims: self.claims, conflict: self.conflict, tiers }
     }
 
     /// The answer for a pair with no live assertions.
     pub fn empty() -> Summary {
         Summary::of(&LiveSet::default(), &Definitions::default())
+    }
+}
+
+/// A [`Summary`] without its per-tier resolutions, which only `layered`
+/// reads: the other lenses skip them undecoded (about half of a contested
+/// pair's row). Field order and names are [`Summary`]'s, so it reads both
+/// the positional and the named row forms.
+#[derive(Deserialize)]
+struct SummaryHead {
+    claims: Vec<Claim>,
+    conflict: Conflict,
+    recency: Option<Winner>,
+    confidence: Option<Winner>,
+    authority: Option<Winner>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    tiers: serde::de::IgnoredAny,
+}
+
+impl SummaryHead {
+    fn into_summary(self) -> Summary {
+        let SummaryHead { claims, conflict, recency, confidence, authority, .. } = self;
+        Summary { claims, conflict, recency, confidence, authority, tiers: BTreeMap::new() }
     }
 }
 
@@ -102,7 +131,7 @@ impl LensStore {
     /// built with, which [`LensStore::built_with`] reports so that a change
     /// of definitions is noticed.
     pub fn open(path: &Path, defs: Definitions) -> Result<LensStore, ProjectionError> {
-        let db = redb::Builder::new().set_cache_size(super::STORE_CACHE_BYTES).create(path).map_err(e)?;
+        let db = redb::Builder::new().set_cache_size(super::store_cache_bytes()).create(path).map_err(e)?;
         let tx = db.begin_write().map_err(e)?;
         {
             tx.open_table(PAIRS).map_err(e)?;
@@ -147,6 +176,19 @@ impl LensStore {
             None => Summary::empty(),
         };
         Ok((s, checkpoint_in(&tx)?))
+    }
+
+    /// The answer of `lens` for a pair, and the position it reflects: the
+    /// hot path of lens reads, which decodes only what `lens` shows.
+    pub fn resolution(&self, subject: &str, predicate: &str, lens: Lens) -> Result<(Resolution, u64), ProjectionError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(PAIRS).map_err(e)?;
+        let summary = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
+            Some(v) if lens == Lens::Layered => rmp_serde::from_slice(v.value().0).map_err(e)?,
+            Some(v) => rmp_serde::from_slice::<SummaryHead>(v.value().0).map_err(e)?.into_summary(),
+            None => Summary::empty(),
+        };
+        Ok((summary.into_resolution(lens), checkpoint_in(&tx)?))
     }
 
     /// The live set of a pair (for `decay` queries), and its position.
@@ -380,6 +422,12 @@ mod tests {
         assert!(s.len() < named_summary.len() && l.len() < named_set.len());
         for bytes in [&s, &named_summary] {
             assert_eq!(rmp_serde::from_slice::<Summary>(bytes).expect("decode"), summary);
+            // The reads of every lens but layered skip the tiers undecoded
+            // and must still give the same answers.
+            let head = rmp_serde::from_slice::<SummaryHead>(bytes).expect("decode head").into_summary();
+            for lens in Lens::ALL.iter().copied().filter(|l| *l != Lens::Layered) {
+                assert_eq!(head.clone().into_resolution(lens), summary.resolution(lens), "{}", lens.as_str());
+            }
         }
         for bytes in [&l, &named_set] {
             assert_eq!(rmp_serde::from_slice::<LiveSet>(bytes).expect("decode"), set);
