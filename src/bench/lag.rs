@@ -142,6 +142,13 @@ pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
     }
     let secs = started.elapsed().as_secs_f64();
     report::print(&format!("lag ack rate={}/s", args.rate), writes, writes, errors, secs, &acked);
-    report::print(&format!("lag write->visible rate={}/s read_every={}", args.rate, args.read_every.max(1)), reads, reads, errors, secs, &visible);
+    report::print(
+        &format!("lag write->visible rate={}/s read_every={}", args.rate, args.read_every.max(1)),
+        reads,
+        reads,
+        errors,
+        secs,
+        &visible,
+    );
     Ok(if errors > 0 { 1 } else { 0 })
 }

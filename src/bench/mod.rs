@@ -30,9 +30,11 @@ pub enum BenchCommand {
 /// Runs a bench subcommand.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let BenchCommand::Query(args) = &cmd {
-        rt.worker_threads(args.threads.max(1));
-    }
+    match &cmd {
+        BenchCommand::Query(args) => rt.worker_threads(args.threads.max(1)),
+        BenchCommand::Search(args) => rt.worker_threads(args.threads.max(1)),
+        _ => &mut rt,
+    };
     let rt = rt.enable_all().build()?;
     match cmd {
         BenchCommand::Ingest(args) => rt.block_on(ingest::run(args)),

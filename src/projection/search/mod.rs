@@ -15,6 +15,7 @@
 
 pub mod query;
 pub mod schema;
+pub mod top;
 
 use std::collections::HashMap;
 use std::path::Path;

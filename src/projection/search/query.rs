@@ -15,12 +15,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
 use tantivy::schema::{Field, IndexRecordOption, Value};
 use tantivy::{DocAddress, Searcher, TantivyDocument, Term};
 
 use super::schema::{DEFAULT_TEXT_FIELDS, date};
+use super::top::{Rank, TopNewest};
 use super::{SearchStore, e};
 use crate::model::{AssertionId, Tier};
 use crate::projection::ProjectionError;
@@ -213,16 +213,6 @@ impl Snapshots {
     }
 }
 
-/// Runs `top` (and a count when `count`) in one pass over `query`.
-fn run<C: tantivy::collector::Collector>(
-    searcher: &Searcher,
-    query: &dyn Query,
-    top: C,
-    count: bool,
-) -> Result<(C::Fruit, usize), SearchError> {
-    if count { searcher.search(query, &(top, Count)).map_err(store_err) } else { Ok((searcher.search(query, &top).map_err(store_err)?, 0)) }
-}
-
 fn term_q(t: Term) -> Box<dyn Query> {
     Box::new(TermQuery::new(t, IndexRecordOption::Basic))
 }
@@ -341,35 +331,16 @@ impl SearchStore {
         }
         let query = BooleanQuery::new(clauses);
         let want = req.limit.clamp(1, MAX_LIMIT) + 1;
-        // The total is counted on the first page (in the same pass) and
-        // carried by the cursor.
-        let count = req.cursor.is_none();
-        let (scored, counted): (Vec<(f32, DocAddress)>, usize) = match sort {
-            Sort::Relevance => {
-                let top = TopDocs::with_limit(want).and_offset(offset).tweak_score(move |seg: &tantivy::SegmentReader| {
-                    let pos = seg.fast_fields().u64("position").ok();
-                    move |doc: tantivy::DocId, score: f32| (score, pos.as_ref().and_then(|c| c.first(doc)).unwrap_or(0))
-                });
-                let (t, n) = run(&searcher, &query, top, count)?;
-                (t.into_iter().map(|((s, _), a)| (s, a)).collect(), n)
-            }
-            Sort::Recent => {
-                let top = TopDocs::with_limit(want).order_by_u64_field("position", tantivy::Order::Desc);
-                let (t, n) = run(&searcher, &query, top, count)?;
-                (t.into_iter().map(|(_, a)| (0.0, a)).collect(), n)
-            }
-            Sort::Confidence => {
-                let top = TopDocs::with_limit(want).tweak_score(move |seg: &tantivy::SegmentReader| {
-                    let conf = seg.fast_fields().f64("confidence").ok();
-                    let pos = seg.fast_fields().u64("position").ok();
-                    move |doc: tantivy::DocId, _score: f32| {
-                        (conf.as_ref().and_then(|c| c.first(doc)).unwrap_or(0.0), pos.as_ref().and_then(|c| c.first(doc)).unwrap_or(0))
-                    }
-                });
-                let (t, n) = run(&searcher, &query, top, count)?;
-                (t.into_iter().map(|(_, a)| (0.0, a)).collect(), n)
-            }
+        // The total is counted in the same pass; the first page's count is
+        // what the cursor carries to later pages.
+        let rank = match sort {
+            Sort::Relevance => Rank::Score,
+            Sort::Recent => Rank::Position,
+            Sort::Confidence => Rank::Confidence,
         };
+        let (ranked, counted) = searcher.search(&query, &TopNewest::new(rank, want, offset)).map_err(store_err)?;
+        let scored: Vec<(f32, DocAddress)> =
+            ranked.into_iter().map(|r| (if rank == Rank::Score { r.key as f32 } else { 0.0 }, r.address)).collect();
         let total = match &req.cursor {
             Some(c) => c.total,
             None => counted as u64,
