@@ -132,10 +132,18 @@ async fn relevance_and_every_filter() {
         (vec![("subject", "drug:aspirin"), ("agent", "agent-a"), ("min_confidence", "0.8")], vec![&ida]),
         (vec![("q", "gastric"), ("tier", "anecdotal")], vec![&idb]),
         (vec![("q", "gastric"), ("valid_to", "2024-12-31T00:00:00Z"), ("predicate", "side_effects")], vec![&ida]),
+        // Ranges beside a term or words are checked per match, not by a
+        // range query: the same answers.
+        (vec![("tier", "community"), ("max_confidence", "0.5")], vec![&ide]),
+        (vec![("q", "aspirin"), ("min_confidence", "0.7")], vec![&ida, &idc]),
+        (vec![("subject", "drug:aspirin"), ("recorded_from", "2000-01-01T00:00:00Z"), ("recorded_to", "2001-01-01T00:00:00Z")], vec![]),
+        (vec![("agent", "agent-a"), ("valid_from", "2024-06-01T00:00:00Z")], vec![&idc]),
     ];
     for (q, want) in cases {
-        let got = set(&env.ok(pe, &q).await);
+        let v = env.ok(pe, &q).await;
+        let got = set(&v);
         let want: BTreeSet<String> = want.into_iter().cloned().collect();
+        assert_eq!(v["total"].as_u64(), Some(want.len() as u64), "total of {q:?}");
         assert_eq!(got, want, "filter {q:?}");
     }
 

@@ -20,7 +20,7 @@ use tantivy::schema::{Field, IndexRecordOption, Value};
 use tantivy::{DocAddress, Searcher, TantivyDocument, Term};
 
 use super::schema::{DEFAULT_TEXT_FIELDS, date};
-use super::top::{Rank, TopNewest};
+use super::top::{Rank, TopNewest, Within};
 use super::{SearchStore, e};
 use crate::model::{AssertionId, Tier};
 use crate::projection::ProjectionError;
@@ -281,16 +281,37 @@ impl SearchStore {
         if let Some(t) = req.tier {
             clauses.push((Occur::Must, term_q(Term::from_field_text(f.tier, t.as_str()))));
         }
+        // With a posting list to drive the query, attribute ranges are
+        // checked on each match's fast fields by the collector; alone, they
+        // are range queries (fast-field scans).
+        let driven = req.q.is_some()
+            || req.subject.is_some()
+            || req.predicate.is_some()
+            || req.agent.is_some()
+            || req.object_type.is_some()
+            || req.tier.is_some();
+        let mut within = Vec::new();
         if req.min_confidence.is_some() || req.max_confidence.is_some() {
-            let lo = req.min_confidence.map_or(Bound::Unbounded, Bound::Included);
-            let hi = req.max_confidence.map_or(Bound::Unbounded, Bound::Included);
-            clauses.push((Occur::Must, range_f64(f.confidence, lo, hi)));
+            if driven {
+                within.push(Within::Confidence(req.min_confidence, req.max_confidence));
+            } else {
+                let lo = req.min_confidence.map_or(Bound::Unbounded, Bound::Included);
+                let hi = req.max_confidence.map_or(Bound::Unbounded, Bound::Included);
+                clauses.push((Occur::Must, range_f64(f.confidence, lo, hi)));
+            }
         }
-        if req.valid_from.is_some() || req.valid_to.is_some() {
-            clauses.push((Occur::Must, range_date(f.valid_time, req.valid_from, req.valid_to)));
-        }
-        if req.recorded_from.is_some() || req.recorded_to.is_some() {
-            clauses.push((Occur::Must, range_date(f.recorded_at, req.recorded_from, req.recorded_to)));
+        let nanos = |t: &Option<DateTime<Utc>>| t.as_ref().map(|t| date(t).into_timestamp_nanos());
+        for (field, name, from, to) in [
+            (f.valid_time, "valid_time", &req.valid_from, &req.valid_to),
+            (f.recorded_at, "recorded_at", &req.recorded_from, &req.recorded_to),
+        ] {
+            if from.is_some() || to.is_some() {
+                if driven {
+                    within.push(Within::Date(name, nanos(from), nanos(to)));
+                } else {
+                    clauses.push((Occur::Must, range_date(field, *from, *to)));
+                }
+            }
         }
         if !req.include_retracted {
             clauses.push((Occur::MustNot, term_q(Term::from_field_u64(f.hidden, 1))));
@@ -338,7 +359,7 @@ impl SearchStore {
             Sort::Recent => Rank::Position,
             Sort::Confidence => Rank::Confidence,
         };
-        let (ranked, counted) = searcher.search(&query, &TopNewest::new(rank, want, offset)).map_err(store_err)?;
+        let (ranked, counted) = searcher.search(&query, &TopNewest::new(rank, want, offset).within(within)).map_err(store_err)?;
         let scored: Vec<(f32, DocAddress)> =
             ranked.into_iter().map(|r| (if rank == Rank::Score { r.key as f32 } else { 0.0 }, r.address)).collect();
         let total = match &req.cursor {

@@ -60,6 +60,49 @@ impl Ord for Ranked {
     }
 }
 
+/// A range filter checked on each candidate's fast field instead of by a
+/// range query. When the query already has a posting list to drive it (a
+/// word, a subject, a tier), reading the column of each of its matches is
+/// far cheaper than intersecting with a range that scans the column in
+/// blocks: `q=dose&tier=clinical&min_confidence=0.5` went from 7.0 to
+/// 4.5 ms. Bounds are inclusive; `None` is open.
+#[derive(Clone, Copy, Debug)]
+pub enum Within {
+    /// The `confidence` field.
+    Confidence(Option<f64>, Option<f64>),
+    /// A date fast field (by name), in nanoseconds since the epoch.
+    Date(&'static str, Option<i64>, Option<i64>),
+}
+
+fn inside<T: PartialOrd>(v: T, lo: Option<T>, hi: Option<T>) -> bool {
+    lo.is_none_or(|lo| v >= lo) && hi.is_none_or(|hi| v <= hi)
+}
+
+/// [`Within`] with the segment's column opened.
+enum SegmentWithin {
+    Confidence(Option<Column<f64>>, Option<f64>, Option<f64>),
+    Date(Option<Column<tantivy::DateTime>>, Option<i64>, Option<i64>),
+}
+
+impl SegmentWithin {
+    fn open(w: &Within, reader: &SegmentReader) -> SegmentWithin {
+        match *w {
+            Within::Confidence(lo, hi) => SegmentWithin::Confidence(reader.fast_fields().f64("confidence").ok(), lo, hi),
+            Within::Date(name, lo, hi) => SegmentWithin::Date(reader.fast_fields().date(name).ok(), lo, hi),
+        }
+    }
+
+    /// A document without a value is outside, as with a range query.
+    fn accepts(&self, doc: DocId) -> bool {
+        match self {
+            SegmentWithin::Confidence(col, lo, hi) => col.as_ref().and_then(|c| c.first(doc)).is_some_and(|v| inside(v, *lo, *hi)),
+            SegmentWithin::Date(col, lo, hi) => {
+                col.as_ref().and_then(|c| c.first(doc)).is_some_and(|v| inside(v.into_timestamp_nanos(), *lo, *hi))
+            }
+        }
+    }
+}
+
 /// Collects the best `offset + limit` hits by [`Rank`] then position, and
 /// counts all matches. The fruit is (the hits after `offset`, best first;
 /// the number of matching documents).
@@ -67,12 +110,19 @@ pub struct TopNewest {
     rank: Rank,
     keep: usize,
     offset: usize,
+    filters: Vec<Within>,
 }
 
 impl TopNewest {
     /// A page of `limit` hits after skipping the best `offset`.
     pub fn new(rank: Rank, limit: usize, offset: usize) -> TopNewest {
-        TopNewest { rank, keep: limit.saturating_add(offset).max(1), offset }
+        TopNewest { rank, keep: limit.saturating_add(offset).max(1), offset, filters: Vec::new() }
+    }
+
+    /// Only documents inside every one of `filters` match (and count).
+    pub fn within(mut self, filters: Vec<Within>) -> TopNewest {
+        self.filters = filters;
+        self
     }
 }
 
@@ -83,6 +133,7 @@ pub struct SegmentTop {
     segment: SegmentOrdinal,
     position: Option<Column<u64>>,
     confidence: Option<Column<f64>>,
+    filters: Vec<SegmentWithin>,
     heap: BinaryHeap<Reverse<Ranked>>,
     count: usize,
 }
@@ -100,6 +151,7 @@ impl Collector for TopNewest {
             segment,
             position: fast.u64("position").ok(),
             confidence,
+            filters: self.filters.iter().map(|w| SegmentWithin::open(w, reader)).collect(),
             heap: BinaryHeap::with_capacity(self.keep.min(4096) + 1),
             count: 0,
         })
@@ -122,6 +174,9 @@ impl SegmentCollector for SegmentTop {
     type Fruit = (Vec<Ranked>, usize);
 
     fn collect(&mut self, doc: DocId, score: Score) {
+        if !self.filters.iter().all(|f| f.accepts(doc)) {
+            return;
+        }
         self.count += 1;
         let key = match self.rank {
             Rank::Score => f64::from(score),
@@ -162,20 +217,32 @@ mod tests {
 
     /// The page every rank must give: all matches sorted by (key, position)
     /// descending, computed the slow way (every match scored and read).
-    fn naive(searcher: &tantivy::Searcher, query: &dyn Query, rank: Rank, limit: usize, offset: usize) -> (Vec<(u64, u64)>, usize) {
+    fn naive(
+        searcher: &tantivy::Searcher,
+        query: &dyn Query,
+        rank: Rank,
+        limit: usize,
+        offset: usize,
+        filters: &[Within],
+    ) -> (Vec<(u64, u64)>, usize) {
         let all = searcher.search(query, &TopDocs::with_limit(100_000).order_by_score()).expect("search");
         let mut rows: Vec<(f64, u64)> = all
             .iter()
-            .map(|(score, addr)| {
+            .filter_map(|(score, addr)| {
                 let reader = searcher.segment_reader(addr.segment_ord);
                 let pos = reader.fast_fields().u64("position").expect("col").first(addr.doc_id).expect("pos");
                 let conf = reader.fast_fields().f64("confidence").expect("col").first(addr.doc_id).expect("conf");
+                let when = reader.fast_fields().date("when").expect("col").first(addr.doc_id).expect("when").into_timestamp_nanos();
+                let keep = filters.iter().all(|f| match *f {
+                    Within::Confidence(lo, hi) => lo.is_none_or(|lo| conf >= lo) && hi.is_none_or(|hi| conf <= hi),
+                    Within::Date(_, lo, hi) => lo.is_none_or(|lo| when >= lo) && hi.is_none_or(|hi| when <= hi),
+                });
                 let key = match rank {
                     Rank::Score => f64::from(*score),
                     Rank::Confidence => conf,
                     Rank::Position => 0.0,
                 };
-                (key, pos)
+                keep.then_some((key, pos))
             })
             .collect();
         rows.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
@@ -189,6 +256,7 @@ mod tests {
         let text = b.add_text_field("text", TEXT);
         let position = b.add_u64_field("position", FAST | INDEXED);
         let confidence = b.add_f64_field("confidence", FAST | INDEXED);
+        let when = b.add_date_field("when", FAST | INDEXED);
         let index = Index::create_in_ram(b.build());
         let mut writer = index.writer_with_num_threads(1, 15_000_000).expect("writer");
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
@@ -197,7 +265,8 @@ mod tests {
             // Few distinct words and confidences: many ties on every key.
             let t = (0..rng.gen_range(1..4)).map(|_| words[rng.gen_range(0..words.len())]).collect::<Vec<_>>().join(" ");
             let c = f64::from(rng.gen_range(0..5u32)) / 4.0;
-            writer.add_document(doc!(text => t, position => p, confidence => c)).expect("add");
+            let w = tantivy::DateTime::from_timestamp_nanos(rng.gen_range(0..10i64) * 1_000_000_000);
+            writer.add_document(doc!(text => t, position => p, confidence => c, when => w)).expect("add");
             if p % 150 == 0 {
                 writer.commit().expect("commit"); // several segments
             }
@@ -208,14 +277,23 @@ mod tests {
         let parser = QueryParser::for_index(&index, vec![text]);
         let queries: Vec<Box<dyn Query>> =
             vec![Box::new(AllQuery), parser.parse_query("dose").expect("q"), parser.parse_query("liver OR renal").expect("q")];
+        let filter_sets = [
+            vec![],
+            vec![Within::Confidence(Some(0.25), Some(0.75))],
+            vec![Within::Confidence(Some(0.5), None), Within::Date("when", None, Some(4_000_000_000))],
+            vec![Within::Date("when", Some(3_000_000_000), Some(3_000_000_000))],
+        ];
         for query in &queries {
             for rank in [Rank::Score, Rank::Confidence, Rank::Position] {
                 for (limit, offset) in [(1, 0), (7, 0), (7, 7), (20, 35), (1000, 0)] {
-                    let (hits, count) = searcher.search(query.as_ref(), &TopNewest::new(rank, limit, offset)).expect("search");
-                    let got: Vec<(u64, u64)> = hits.iter().map(|h| (h.key.to_bits(), h.position)).collect();
-                    let (want, n) = naive(&searcher, query.as_ref(), rank, limit, offset);
-                    assert_eq!(count, n, "{rank:?} count");
-                    assert_eq!(got, want, "{rank:?} limit {limit} offset {offset}");
+                    for filters in &filter_sets {
+                        let top = TopNewest::new(rank, limit, offset).within(filters.clone());
+                        let (hits, count) = searcher.search(query.as_ref(), &top).expect("search");
+                        let got: Vec<(u64, u64)> = hits.iter().map(|h| (h.key.to_bits(), h.position)).collect();
+                        let (want, n) = naive(&searcher, query.as_ref(), rank, limit, offset, filters);
+                        assert_eq!(count, n, "{rank:?} count {filters:?}");
+                        assert_eq!(got, want, "{rank:?} limit {limit} offset {offset} {filters:?}");
+                    }
                 }
             }
         }
