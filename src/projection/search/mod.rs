@@ -93,6 +93,8 @@ pub struct SearchStore {
     index: Index,
     reader: IndexReader,
     fields: Fields,
+    /// False for an index of an older layout (see [`SearchStore::open`]).
+    compatible: bool,
     def: SearchDefinition,
     built_with: String,
     writer: Mutex<Writer>,
@@ -117,7 +119,15 @@ impl SearchStore {
         } else {
             Index::create(dir, schema::schema(&def.tokenizer), tantivy::IndexSettings::default()).map_err(e)?
         };
-        let fields = Fields::of(&index.schema()).map_err(e)?;
+        // An index built by an earlier release may lack fields this layout
+        // has. Its payload names the older definition, so the slot marks
+        // it stale (never searched nor written) until a rebuild replaces
+        // it; it must still open, so that the rebuild and the operator's
+        // tools can run.
+        let (fields, compatible) = match Fields::of(&index.schema()) {
+            Ok(f) => (f, true),
+            Err(_) => (Fields::of(&schema::schema(&def.tokenizer)).map_err(e)?, false),
+        };
         let mut writer = index.writer_with_num_threads(def.writer_threads, def.writer_memory).map_err(e)?;
         let payload = match index.load_metas().map_err(e)?.payload {
             Some(p) => Some(serde_json::from_str::<Payload>(&p).map_err(|x| e(format!("unreadable commit payload {p:?}: {x}")))?),
@@ -142,10 +152,14 @@ impl SearchStore {
             c.commit().map_err(e)?;
         }
         let reader: IndexReader = index.reader_builder().reload_policy(ReloadPolicy::OnCommitWithDelay).try_into().map_err(e)?;
+        if !compatible && payload.definition == def.hash {
+            return Err(e(format!("{}: the index lacks fields of its own definition; rebuild the search projection", path.display())));
+        }
         let store = SearchStore {
             index,
             reader,
             fields,
+            compatible,
             def,
             built_with: payload.definition,
             writer: Mutex::new(Writer {
@@ -162,6 +176,12 @@ impl SearchStore {
         };
         store.publish_docs();
         Ok(store)
+    }
+
+    /// Refuses to touch an index of an older layout: its field numbers are
+    /// not this release's.
+    pub(crate) fn check_compatible(&self) -> Result<(), ProjectionError> {
+        if self.compatible { Ok(()) } else { Err(e("the index was built with an older layout; rebuild the search projection")) }
     }
 
     /// The hash of the definition this index was built with.
@@ -258,6 +278,7 @@ impl Projection for SearchStore {
     }
 
     fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError> {
+        self.check_compatible()?;
         let mut w = self.writer.lock().map_err(|_| e("the index writer lock is poisoned"))?;
         let applied = self.applied.load(Ordering::Acquire);
         w.set_bulk(records.len() >= BULK_BATCH);
@@ -340,6 +361,7 @@ impl Projection for SearchStore {
     /// assertion (with its retraction and supersessions), in id order.
     /// Commits pending documents first so the snapshot is the applied state.
     fn visit_rows(&self, visit: &mut super::RowVisitor<'_>) -> Result<u64, ProjectionError> {
+        self.check_compatible()?;
         let (searcher, position) = {
             let mut w = self.writer.lock().map_err(|_| e("the index writer lock is poisoned"))?;
             let position = self.commit(&mut w)?;
@@ -359,5 +381,37 @@ impl Projection for SearchStore {
             }
         }
         Ok(position)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tantivy::schema::{STRING, Schema};
+
+    use super::*;
+
+    /// An index written by an earlier release (here: one without the
+    /// catch-all `text` field) opens as stale, is never written to, and
+    /// reports the definition it was built with, so that a rebuild can
+    /// replace it.
+    #[test]
+    fn an_index_of_an_older_layout_opens_stale_and_is_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("search");
+        std::fs::create_dir_all(&path).expect("mkdir");
+        {
+            let mut b = Schema::builder();
+            b.add_text_field("id", STRING);
+            let index = Index::create_in_dir(&path, b.build()).expect("create");
+            let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(1, 15_000_000).expect("writer");
+            let mut c = writer.prepare_commit().expect("prepare");
+            c.set_payload(&serde_json::to_string(&Payload { position: 7, definition: "old-layout".into() }).expect("json"));
+            c.commit().expect("commit");
+        }
+        let store = SearchStore::open(&path, SearchDefinition::default()).expect("an older layout still opens");
+        assert_eq!(store.built_with(), "old-layout");
+        assert_eq!(store.checkpoint().expect("checkpoint"), 7);
+        let err = store.apply(&[]).expect_err("an older layout is never written");
+        assert!(err.message.contains("older layout"), "{}", err.message);
     }
 }

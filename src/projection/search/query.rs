@@ -256,6 +256,7 @@ impl SearchStore {
 
     /// Runs a search.
     pub fn search(&self, req: &SearchRequest) -> Result<SearchPage, SearchError> {
+        self.check_compatible()?;
         let f = *self.fields();
         let sort = req.sort.unwrap_or(if req.q.is_some() { Sort::Relevance } else { Sort::Recent });
         if let Some(c) = &req.cursor
