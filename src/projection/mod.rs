@@ -73,7 +73,7 @@ pub fn bulk_buffer_bytes() -> usize {
 fn env_mib(name: &str, default: usize) -> usize {
     let Ok(v) = std::env::var(name) else { return default };
     match v.trim().parse::<usize>() {
-        Ok(mb) if mb > 0 => mb * 1024 * 1024,
+        Ok(mb) if mb > 0 => mb.saturating_mul(1024 * 1024),
         _ => {
             tracing::warn!(value = %v, "{name} is not a positive whole number of MiB; using the default {}", default / (1024 * 1024));
             default

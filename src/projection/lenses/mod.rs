@@ -97,9 +97,8 @@ struct SummaryHead {
     recency: Option<Winner>,
     confidence: Option<Winner>,
     authority: Option<Winner>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    tiers: serde::de::IgnoredAny,
+    #[serde(default, rename = "tiers")]
+    _tiers: serde::de::IgnoredAny,
 }
 
 impl SummaryHead {
