@@ -91,6 +91,12 @@ pub struct ServeArgs {
     /// bound their memory.
     #[arg(long, env = "STEMEDB_STORE_CACHE_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub store_cache_mb: u64,
+    /// Longest time between two durable (fsynced) commits of a projection
+    /// store. Shorter means shorter stalls of the workers, so writes
+    /// become visible sooner at the tail, for more fsyncs; a crash costs
+    /// at most this much re-applied log, never a lost or doubled event.
+    #[arg(long, env = "STEMEDB_PROJECTION_SYNC_INTERVAL", default_value = "100ms", value_parser = parse_interval)]
+    pub projection_sync_interval: std::time::Duration,
     /// Serve `/v1/admin/` even on a non-loopback address.
     #[arg(long, env = "STEMEDB_ADMIN_ENABLED", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub admin_enabled: bool,

@@ -23,7 +23,10 @@ pub fn run(data: &DataArgs, args: ServeArgs) -> anyhow::Result<i32> {
 
 async fn serve(data: &DataArgs, args: ServeArgs) -> anyhow::Result<()> {
     let metrics = crate::telemetry::init_metrics()?;
-    crate::projection::set_store_cache_bytes(usize::try_from(args.store_cache_mb).unwrap_or(usize::MAX / 2).saturating_mul(1024 * 1024));
+    crate::projection::tune_stores(crate::projection::StoreTuning {
+        cache_bytes: usize::try_from(args.store_cache_mb).unwrap_or(usize::MAX / 2).saturating_mul(1024 * 1024),
+        sync_interval: args.projection_sync_interval,
+    });
     if let Some(url) = args.follow.clone() {
         return follow(data, args, &url, metrics).await;
     }

@@ -37,21 +37,47 @@ pub struct ProjectionError {
 /// `STEMEDB_STORE_CACHE_MB` says otherwise (redb's default is 1 GiB per
 /// database, which with several stores and their shadows would put a
 /// rebuild over its memory budget). `serve` sets its own, larger, cache
-/// with [`set_store_cache_bytes`]: reads are fastest when the stores fit.
+/// with [`tune_stores`]: reads are fastest when the stores fit.
 pub const STORE_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
-static STORE_CACHE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+/// How often a live store's commit is made durable (fsynced) unless
+/// `serve` says otherwise (`STEMEDB_PROJECTION_SYNC_INTERVAL`). The commit
+/// that syncs blocks its worker while it writes every page the commits
+/// since the last one copied; at 1 s that stall was 100–250 ms at 2,000
+/// writes/s, and it is what readers waiting for their writes saw as the
+/// p99. Syncing ten times as often makes each stall a tenth as long.
+pub const DEFAULT_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Sets the page cache of every store this process opens from now on; the
-/// first call (or first store opened) wins, so call it before opening any.
-pub fn set_store_cache_bytes(bytes: usize) {
-    let _ = STORE_CACHE.set(bytes.max(1024 * 1024));
+/// How this process's projection stores trade memory and fsyncs for
+/// read and write latency. One setting per process: `serve` sets it from
+/// its options before it opens a store; the offline tools keep the
+/// defaults, which bound their memory.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreTuning {
+    /// Page cache of each store (redb's cache; up to half of it buffers
+    /// pages until the next durable commit).
+    pub cache_bytes: usize,
+    /// Longest time between two durable commits of a live store.
+    pub sync_interval: std::time::Duration,
 }
 
-/// The page cache of each store: what [`set_store_cache_bytes`] set, else
-/// `STEMEDB_STORE_CACHE_MB` mebibytes, else [`STORE_CACHE_BYTES`].
-pub fn store_cache_bytes() -> usize {
-    *STORE_CACHE.get_or_init(|| env_mib("STEMEDB_STORE_CACHE_MB", STORE_CACHE_BYTES))
+static TUNING: std::sync::OnceLock<StoreTuning> = std::sync::OnceLock::new();
+
+/// Sets the tuning of every store this process opens from now on; the
+/// first call (or the first store opened) wins, so call it before opening
+/// any.
+pub fn tune_stores(tuning: StoreTuning) {
+    let _ = TUNING.set(StoreTuning { cache_bytes: tuning.cache_bytes.max(1024 * 1024), ..tuning });
+}
+
+/// The tuning: what [`tune_stores`] set, else a cache of
+/// `STEMEDB_STORE_CACHE_MB` mebibytes (default [`STORE_CACHE_BYTES`]) and
+/// [`DEFAULT_SYNC_INTERVAL`].
+pub fn store_tuning() -> StoreTuning {
+    *TUNING.get_or_init(|| StoreTuning {
+        cache_bytes: env_mib("STEMEDB_STORE_CACHE_MB", STORE_CACHE_BYTES),
+        sync_interval: DEFAULT_SYNC_INTERVAL,
+    })
 }
 
 /// Memory a bulk load may hold in rows it sorts, per store, before it
@@ -203,9 +229,9 @@ pub fn split_pair_key(k: &[u8]) -> Option<(&str, &str)> {
 }
 
 /// Decides when a projection commit must be durable (fsynced): at most
-/// once a second. Commits in between are atomic but not synced; a crash
-/// rolls the store back to its last durable checkpoint and the worker
-/// re-applies from there.
+/// once per [`StoreTuning::sync_interval`]. Commits in between are atomic
+/// but not synced; a crash rolls the store back to its last durable
+/// checkpoint and the worker re-applies from there.
 #[derive(Debug)]
 pub struct DurableEvery {
     last: std::sync::Mutex<std::time::Instant>,
@@ -214,7 +240,7 @@ pub struct DurableEvery {
 
 impl Default for DurableEvery {
     fn default() -> Self {
-        DurableEvery { last: std::sync::Mutex::new(std::time::Instant::now()), every: std::time::Duration::from_secs(1) }
+        DurableEvery { last: std::sync::Mutex::new(std::time::Instant::now()), every: store_tuning().sync_interval }
     }
 }
 

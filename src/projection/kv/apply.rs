@@ -213,7 +213,7 @@ impl Projection for KvStore {
         pending.push(&self.db, records)?;
         // The WAL is the durable copy and the checkpoint lives in the same
         // transaction, so losing a non-durable commit in a crash only means
-        // re-applying those events: fsync at most once a second.
+        // re-applying those events: fsync at most once per sync interval.
         pending.write(&self.db, if self.durability.due() { Durability::Immediate } else { Durability::None })
     }
 

@@ -94,7 +94,7 @@ pub struct KvStore {
 impl KvStore {
     /// Opens or creates the store file at `path` (normally `<db>/kv.redb`).
     pub fn open(path: &Path) -> Result<KvStore, ProjectionError> {
-        let db = redb::Builder::new().set_cache_size(super::store_cache_bytes()).create(path).map_err(kerr)?;
+        let db = redb::Builder::new().set_cache_size(super::store_tuning().cache_bytes).create(path).map_err(kerr)?;
         let tx = db.begin_write().map_err(kerr)?;
         {
             tx.open_table(RECORDS).map_err(kerr)?;

@@ -130,7 +130,7 @@ impl LensStore {
     /// built with, which [`LensStore::built_with`] reports so that a change
     /// of definitions is noticed.
     pub fn open(path: &Path, defs: Definitions) -> Result<LensStore, ProjectionError> {
-        let db = redb::Builder::new().set_cache_size(super::store_cache_bytes()).create(path).map_err(e)?;
+        let db = redb::Builder::new().set_cache_size(super::store_tuning().cache_bytes).create(path).map_err(e)?;
         let tx = db.begin_write().map_err(e)?;
         {
             tx.open_table(PAIRS).map_err(e)?;
