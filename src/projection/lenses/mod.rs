@@ -80,9 +80,12 @@ impl Summary {
         Resolution { winner, claims: self.claims, conflict: self.conflict, tiers }
     }
 
-    /// The answer for a pair with no live assertions.
+    /// The answer for a pair with no live assertions. Computed once: a
+    /// read of an unknown pair (common: agents ask about facts nobody has
+    /// asserted yet) must not parse the definitions again.
     pub fn empty() -> Summary {
-        Summary::of(&LiveSet::default(), &Definitions::default())
+        static EMPTY: std::sync::OnceLock<Summary> = std::sync::OnceLock::new();
+        EMPTY.get_or_init(|| Summary::of(&LiveSet::default(), &Definitions::default())).clone()
     }
 }
 
