@@ -974,38 +974,52 @@ async fn required_signatures_are_enforced() {
     assert_eq!(dumped_assertions(&wal_dump(&data)), vec![(1, id)]);
 }
 
+/// Runs `stemedb serve` with `args` and `env` (every other setting
+/// default) and expects it to refuse to start: the exit code and stderr.
+async fn refused_start(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cmd = tokio::process::Command::new(common::bin());
+    cmd.arg("serve").args(args);
+    cmd.env("STEMEDB_DATA_DIR", tmp.path().join("data"))
+        .env("STEMEDB_BIND_ADDR", common::free_addr().to_string())
+        .env("NO_COLOR", "1")
+        .env_remove("STEMEDB_REQUIRE_SIGNATURES")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("the server refused to start instead of running")
+        .expect("run stemedb");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[tokio::test]
 async fn a_bad_require_signatures_value_refuses_to_start() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let run = |env: Option<&str>, flag: Option<&str>| {
-        let mut cmd = tokio::process::Command::new(common::bin());
-        cmd.arg("serve");
-        if let Some(f) = flag {
-            cmd.args(["--require-signatures", f]);
-        }
-        cmd.env("STEMEDB_DATA_DIR", tmp.path().join("data"))
-            .env("STEMEDB_BIND_ADDR", common::free_addr().to_string())
-            .env("NO_COLOR", "1")
-            .env_remove("STEMEDB_REQUIRE_SIGNATURES")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        if let Some(v) = env {
-            cmd.env("STEMEDB_REQUIRE_SIGNATURES", v);
-        }
-        async move {
-            let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-                .await
-                .expect("the server refused to start instead of running")
-                .expect("run stemedb");
-            (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    };
     for (env, flag) in [(Some("banana"), None), (None, Some("banana")), (Some("yes please"), None), (Some("2"), None)] {
-        let (code, stderr) = run(env, flag).await;
+        let env_vars: Vec<(&str, &str)> = env.map(|v| ("STEMEDB_REQUIRE_SIGNATURES", v)).into_iter().collect();
+        let args: Vec<&str> = flag.map(|f| vec!["--require-signatures", f]).unwrap_or_default();
+        let (code, stderr) = refused_start(&env_vars, &args).await;
         assert!(code.is_some_and(|c| c != 0), "{env:?}/{flag:?}: non-zero exit, got {code:?}; stderr: {stderr}");
         // The message names what the operator has to fix: the variable, or the flag.
         let named = if env.is_some() { "STEMEDB_REQUIRE_SIGNATURES" } else { "--require-signatures" };
         assert!(stderr.contains(named), "{env:?}/{flag:?}: the message names {named}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn bad_store_settings_refuse_to_start() {
+    for (var, value) in [
+        ("STEMEDB_STORE_CACHE_MB", "0"),
+        ("STEMEDB_STORE_CACHE_MB", "lots"),
+        ("STEMEDB_PROJECTION_SYNC_INTERVAL", "1ms"),
+        ("STEMEDB_PROJECTION_SYNC_INTERVAL", "soon"),
+    ] {
+        let (code, stderr) = refused_start(&[(var, value)], &[]).await;
+        assert!(code.is_some_and(|c| c != 0), "{var}={value}: non-zero exit, got {code:?}; stderr: {stderr}");
+        assert!(stderr.contains(var), "{var}={value}: the message names the variable: {stderr}");
     }
 }
 
