@@ -246,9 +246,7 @@ fn range_date(f: Field, lo: Option<DateTime<Utc>>, hi: Option<DateTime<Utc>>) ->
 impl SearchStore {
     /// Parses `q` against this index (the error quotes the offending part).
     pub fn parse_text(&self, q: &str) -> Result<Box<dyn Query>, SearchError> {
-        let f = self.fields();
         let defaults: Vec<Field> = DEFAULT_TEXT_FIELDS.iter().filter_map(|n| self.index().schema().get_field(n).ok()).collect();
-        let _ = f;
         let mut parser = QueryParser::for_index(self.index(), defaults);
         parser.set_conjunction_by_default();
         parser.parse_query(q).map_err(|x| SearchError::Invalid("q", format!("cannot parse {q:?}: {x}")))
