@@ -104,6 +104,15 @@ async fn relevance_and_every_filter() {
     assert!(v["hits"][0]["score"].as_f64().unwrap() > v["hits"][1]["score"].as_f64().unwrap());
     assert_eq!(v["hits"][0]["assertion"]["assertion"]["subject"], "drug:aspirin");
     assert_eq!(v["hits"][0]["retracted"], false);
+    // The score is the text relevance alone: attribute filters select, they
+    // do not add to it.
+    let score = |v: &Value| v["hits"][0]["score"].as_f64().unwrap_or(f64::NAN);
+    let alone = score(&v);
+    for filter in [("subject", "drug:aspirin"), ("tier", "clinical"), ("agent", "agent-a"), ("object_type", "text")] {
+        let f = env.ok(pe, &[("q", "gastric OR bleeds"), filter]).await;
+        assert_eq!(ids(&f)[0], ida, "{filter:?}: {f}");
+        assert_eq!(score(&f), alone, "{filter:?}: {f}");
+    }
     // Subject/predicate words are searchable too, and entity values.
     assert_eq!(set(&env.ok(pe, &[("q", "hidalgo")]).await), BTreeSet::from([idd.clone()]));
     assert_eq!(env.ok(pe, &[("q", "aspirin")]).await["total"], 3);

@@ -1016,6 +1016,8 @@ async fn bad_store_settings_refuse_to_start() {
         ("STEMEDB_STORE_CACHE_MB", "lots"),
         ("STEMEDB_PROJECTION_SYNC_INTERVAL", "1ms"),
         ("STEMEDB_PROJECTION_SYNC_INTERVAL", "soon"),
+        ("STEMEDB_SEARCH_THREADS", "-1"),
+        ("STEMEDB_SEARCH_THREADS", "many"),
     ] {
         let (code, stderr) = refused_start(&[(var, value)], &[]).await;
         assert!(code.is_some_and(|c| c != 0), "{var}={value}: non-zero exit, got {code:?}; stderr: {stderr}");

@@ -112,6 +112,15 @@ fn app_state(
         ready_max_lag: args.ready_max_lag,
         admin_enabled: args.admin_enabled || args.bind.ip().is_loopback(),
         follow_max_silence: args.follow_max_silence,
+        search_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(search_threads(args.search_threads))),
+    }
+}
+
+/// `STEMEDB_SEARCH_THREADS`, with 0 meaning 1.5 × cores + 1.
+fn search_threads(configured: u32) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()) * 3 / 2 + 1,
+        n => n as usize,
     }
 }
 

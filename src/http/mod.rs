@@ -56,6 +56,9 @@ pub struct AppState {
     pub admin_enabled: bool,
     /// A follower is not ready after this long without a successful poll.
     pub follow_max_silence: std::time::Duration,
+    /// Searches that may run at once (`STEMEDB_SEARCH_THREADS`); the rest
+    /// queue in arrival order (tokio's semaphore is fair).
+    pub search_slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {

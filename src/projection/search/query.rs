@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
+use tantivy::query::{AllQuery, BooleanQuery, ConstScoreQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
 use tantivy::schema::{Field, IndexRecordOption, Value};
 use tantivy::{DocAddress, Searcher, TantivyDocument, Term};
 
@@ -266,30 +266,33 @@ impl SearchStore {
             ));
         }
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
-        match &req.q {
-            Some(q) => clauses.push((Occur::Must, self.parse_text(q)?)),
-            None => clauses.push((Occur::Must, Box::new(AllQuery))),
+        if let Some(q) = &req.q {
+            clauses.push((Occur::Must, self.parse_text(q)?));
         }
+        // Attribute clauses only select: they add nothing to a score, so
+        // `score` is the text relevance alone.
+        let attribute = |t: Term| -> Box<dyn Query> { Box::new(ConstScoreQuery::new(term_q(t), 0.0)) };
         for (field, value) in
             [(f.subject, &req.subject), (f.predicate, &req.predicate), (f.agent, &req.agent), (f.object_type, &req.object_type)]
         {
             if let Some(v) = value {
-                clauses.push((Occur::Must, term_q(Term::from_field_text(field, v))));
+                clauses.push((Occur::Must, attribute(Term::from_field_text(field, v))));
             }
         }
-        if let Some(t) = req.tier {
-            clauses.push((Occur::Must, term_q(Term::from_field_text(f.tier, t.as_str()))));
-        }
-        // With a posting list to drive the query, attribute ranges are
-        // checked on each match's fast fields by the collector; alone, they
-        // are range queries (fast-field scans).
-        let driven = req.q.is_some()
-            || req.subject.is_some()
-            || req.predicate.is_some()
-            || req.agent.is_some()
-            || req.object_type.is_some()
-            || req.tier.is_some();
+        // With a posting list to drive the query, attribute ranges and the
+        // tier are checked by the collector on each match's decoded
+        // attributes (`columns`); alone, they are queries.
+        let driven_without_tier =
+            req.q.is_some() || req.subject.is_some() || req.predicate.is_some() || req.agent.is_some() || req.object_type.is_some();
+        let driven = driven_without_tier || req.tier.is_some();
         let mut within = Vec::new();
+        if let Some(t) = req.tier {
+            if driven_without_tier {
+                within.push(Within::Tier(t));
+            } else {
+                clauses.push((Occur::Must, attribute(Term::from_field_text(f.tier, t.as_str()))));
+            }
+        }
         if req.min_confidence.is_some() || req.max_confidence.is_some() {
             if driven {
                 within.push(Within::Confidence(req.min_confidence, req.max_confidence));
@@ -313,7 +316,7 @@ impl SearchStore {
             }
         }
         if !req.include_retracted {
-            clauses.push((Occur::MustNot, term_q(Term::from_field_u64(f.hidden, 1))));
+            within.push(Within::Visible);
         }
 
         // Pin the snapshot: the first page's searcher while it is cached,
@@ -349,6 +352,9 @@ impl SearchStore {
                 }
             }
         }
+        if !clauses.iter().any(|(o, _)| *o == Occur::Must) {
+            clauses.push((Occur::Must, Box::new(AllQuery)));
+        }
         let query = BooleanQuery::new(clauses);
         let want = req.limit.clamp(1, MAX_LIMIT) + 1;
         // The total is counted in the same pass; the first page's count is
@@ -358,7 +364,8 @@ impl SearchStore {
             Sort::Recent => Rank::Position,
             Sort::Confidence => Rank::Confidence,
         };
-        let (ranked, counted) = searcher.search(&query, &TopNewest::new(rank, want, offset).within(within)).map_err(store_err)?;
+        let (ranked, counted) =
+            searcher.search(&query, &TopNewest::new(self.columns.clone(), rank, want, offset).within(within)).map_err(store_err)?;
         let scored: Vec<(f32, DocAddress)> =
             ranked.into_iter().map(|r| (if rank == Rank::Score { r.key as f32 } else { 0.0 }, r.address)).collect();
         let total = match &req.cursor {
