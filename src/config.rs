@@ -97,11 +97,10 @@ pub struct ServeArgs {
     /// at most this much re-applied log, never a lost or doubled event.
     #[arg(long, env = "STEMEDB_PROJECTION_SYNC_INTERVAL", default_value = "100ms", value_parser = parse_interval)]
     pub projection_sync_interval: std::time::Duration,
-    /// Searches run at once; more wait their turn in arrival order. On
-    /// two cores, letting every connection's search share the CPU made a
-    /// heavy search wait behind all the others (p99 34 ms at 16
-    /// connections), while a short queue in front of a few running
-    /// searches gave p99 21 ms at more searches/s. 0 = 1.5 × cores + 1
+    /// Searches that run at once; more wait their turn in arrival order.
+    /// A search is CPU-bound, so running more than the cores can serve
+    /// only makes each one slower and, under many connections, grows the
+    /// blocking thread pool; the queue bounds both. 0 = 1.5 × cores + 1
     /// (Elasticsearch's search pool size).
     #[arg(long, env = "STEMEDB_SEARCH_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub search_threads: u32,
