@@ -30,6 +30,17 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!("stemedb_wal_position", "Highest durable log position");
     metrics::describe_counter!("stemedb_http_requests_total", "HTTP requests by route and status");
     metrics::describe_histogram!("stemedb_http_request_duration_seconds", metrics::Unit::Seconds, "HTTP request latency by route");
+    metrics::describe_histogram!(
+        "stemedb_search_latency_seconds",
+        metrics::Unit::Seconds,
+        "Search time, from taking a slot to the ranked page (queue wait excluded)"
+    );
+    metrics::describe_histogram!(
+        "stemedb_search_queue_seconds",
+        metrics::Unit::Seconds,
+        "Time a search waited for one of STEMEDB_SEARCH_THREADS slots"
+    );
+    metrics::describe_gauge!("stemedb_search_index_docs", "Documents in the committed search index");
     // Make the counters visible at 0 before the first write.
     metrics::counter!("stemedb_assertions_total").absolute(0);
     metrics::counter!("stemedb_events_total").absolute(0);

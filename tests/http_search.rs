@@ -167,6 +167,7 @@ async fn relevance_and_every_filter() {
     // Metrics.
     let m = env.c.get(env.server.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
     assert!(m.contains("stemedb_search_latency_seconds"), "{m}");
+    assert!(m.lines().any(|l| l.starts_with("stemedb_search_queue_seconds_count") && !l.ends_with(" 0")), "{m}");
     assert!(m.lines().any(|l| l.starts_with("stemedb_search_index_docs") && l.ends_with(" 5")), "{m}");
     assert!(m.contains("projection=\"search\""), "{m}");
 }

@@ -146,10 +146,12 @@ pub async fn search(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Resu
     let req = request(&params)?;
     consistency::wait(&st, &params, &["search"]).await?;
     let store = st.read.search.load();
-    let started = Instant::now();
     // Queue for a slot: a few searches run at full speed instead of every
     // connection's search sharing the cores (see `STEMEDB_SEARCH_THREADS`).
+    let queued = Instant::now();
     let permit = st.search_slots.clone().acquire_owned().await.map_err(|e| Problem::unavailable(e.to_string()))?;
+    metrics::histogram!("stemedb_search_queue_seconds").record(queued.elapsed().as_secs_f64());
+    let started = Instant::now();
     let page = tokio::task::spawn_blocking(move || {
         let page = store.search(&req);
         drop(permit);
