@@ -421,3 +421,41 @@ async fn changed_definition_is_stale_until_rebuilt() {
     assert_eq!(v["total"], 0, "{v}");
     let _ = BTreeMap::<u8, u8>::new();
 }
+
+/// With one search slot, concurrent searches queue and every one answers;
+/// a search that fails (a malformed query) gives its slot back.
+#[tokio::test]
+async fn searches_beyond_the_slots_queue_and_all_answer() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = common::Server::start(&tmp.path().join("data"), &[("STEMEDB_SEARCH_THREADS", "1")]);
+    let env = Env { server, c: common::client(), _tmp: tmp };
+    let items = (0..200).map(|i| text(&format!("drug:d{i}"), "note", "renal dose observed", "agent-q")).collect();
+    let (_, last) = env.batch(items).await;
+    let pos = last.to_string();
+    let (st, ct, _) = env.search(&[("q", "renal AND (dose"), ("min_position", &pos)]).await;
+    assert_eq!((st, ct.as_str()), (400, "application/problem+json"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let c = env.c.clone();
+        let qs = serde_urlencoded::to_string([("q", if i % 2 == 0 { "renal" } else { "dose observed" }), ("min_position", &pos)])
+            .expect("query string");
+        let url = format!("{}?{qs}", env.server.url("/v1/search"));
+        tasks.spawn(async move {
+            let r = c.get(url).send().await.expect("request");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        });
+    }
+    let mut answered = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (status, v) = joined.expect("task");
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["total"], 200, "{v}");
+        answered += 1;
+    }
+    assert_eq!(answered, 24);
+    let m = env.c.get(env.server.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let queued: f64 =
+        m.lines().find_map(|l| l.strip_prefix("stemedb_search_queue_seconds_count ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+    assert!(queued >= 25.0, "every search took a slot: {queued}\n{m}");
+}
