@@ -186,9 +186,9 @@ pub async fn search(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Resu
     Ok(Json(SearchAnswer { hits, total: page.total, next: page.next, position: page.position }))
 }
 
-/// A page of search hits as served: serialized straight into the body
-/// (no intermediate `serde_json::Value`, whose string copies cost a tenth
-/// of a cheap search).
+/// A page of search hits as served: serialized straight into the body, as
+/// the lens answers are (an intermediate `serde_json::Value` copied every
+/// string of every hit: ~2 % of the search profile).
 #[derive(Serialize)]
 pub struct SearchAnswer {
     hits: Vec<SearchHit>,
