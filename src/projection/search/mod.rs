@@ -13,14 +13,15 @@
 //! flags set (delete by id, add), from the stored encoding of the assertion
 //! (looked up among uncommitted documents first, then in the index).
 
+pub mod columns;
 pub mod query;
 pub mod schema;
 pub mod top;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tantivy::collector::TopDocs;
@@ -103,6 +104,8 @@ fn index_settings() -> tantivy::IndexSettings {
 pub struct SearchStore {
     index: Index,
     reader: IndexReader,
+    /// Decoded per-segment attributes; the reader warms and collects it.
+    columns: Arc<columns::ColumnCache>,
     fields: Fields,
     /// False for an index of an older layout (see [`SearchStore::open`]).
     compatible: bool,
@@ -162,13 +165,17 @@ impl SearchStore {
             c.set_payload(&serde_json::to_string(&payload).map_err(e)?);
             c.commit().map_err(e)?;
         }
-        let reader: IndexReader = index.reader_builder().reload_policy(ReloadPolicy::OnCommitWithDelay).try_into().map_err(e)?;
+        let columns = Arc::new(columns::ColumnCache::default());
+        let warmer: Weak<dyn tantivy::Warmer> = Arc::downgrade(&columns) as Weak<dyn tantivy::Warmer>;
+        let reader: IndexReader =
+            index.reader_builder().reload_policy(ReloadPolicy::OnCommitWithDelay).warmers(vec![warmer]).try_into().map_err(e)?;
         if !compatible && payload.definition == def.hash {
             return Err(e(format!("{}: the index lacks fields of its own definition; rebuild the search projection", path.display())));
         }
         let store = SearchStore {
             index,
             reader,
+            columns,
             fields,
             compatible,
             def,

@@ -279,19 +279,20 @@ impl SearchStore {
                 clauses.push((Occur::Must, attribute(Term::from_field_text(field, v))));
             }
         }
-        if let Some(t) = req.tier {
-            clauses.push((Occur::Must, attribute(Term::from_field_text(f.tier, t.as_str()))));
-        }
-        // With a posting list to drive the query, attribute ranges are
-        // checked on each match's fast fields by the collector; alone, they
-        // are range queries (fast-field scans).
-        let driven = req.q.is_some()
-            || req.subject.is_some()
-            || req.predicate.is_some()
-            || req.agent.is_some()
-            || req.object_type.is_some()
-            || req.tier.is_some();
+        // With a posting list to drive the query, attribute ranges and the
+        // tier are checked by the collector on each match's decoded
+        // attributes (`columns`); alone, they are queries.
+        let driven_without_tier =
+            req.q.is_some() || req.subject.is_some() || req.predicate.is_some() || req.agent.is_some() || req.object_type.is_some();
+        let driven = driven_without_tier || req.tier.is_some();
         let mut within = Vec::new();
+        if let Some(t) = req.tier {
+            if driven_without_tier {
+                within.push(Within::Tier(t));
+            } else {
+                clauses.push((Occur::Must, attribute(Term::from_field_text(f.tier, t.as_str()))));
+            }
+        }
         if req.min_confidence.is_some() || req.max_confidence.is_some() {
             if driven {
                 within.push(Within::Confidence(req.min_confidence, req.max_confidence));
@@ -315,7 +316,7 @@ impl SearchStore {
             }
         }
         if !req.include_retracted {
-            clauses.push((Occur::MustNot, term_q(Term::from_field_u64(f.hidden, 1))));
+            within.push(Within::Visible);
         }
 
         // Pin the snapshot: the first page's searcher while it is cached,
@@ -363,7 +364,8 @@ impl SearchStore {
             Sort::Recent => Rank::Position,
             Sort::Confidence => Rank::Confidence,
         };
-        let (ranked, counted) = searcher.search(&query, &TopNewest::new(rank, want, offset).within(within)).map_err(store_err)?;
+        let (ranked, counted) =
+            searcher.search(&query, &TopNewest::new(self.columns.clone(), rank, want, offset).within(within)).map_err(store_err)?;
         let scored: Vec<(f32, DocAddress)> =
             ranked.into_iter().map(|r| (if rank == Rank::Score { r.key as f32 } else { 0.0 }, r.address)).collect();
         let total = match &req.cursor {
