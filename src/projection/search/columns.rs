@@ -29,7 +29,6 @@ use crate::model::Tier;
 const BLOCK: u32 = 1024;
 
 /// A set of doc ids, one bit each.
-#[derive(Default)]
 pub struct DocBits(Box<[u64]>);
 
 impl DocBits {
@@ -59,7 +58,6 @@ pub struct DateColumn {
 }
 
 /// One segment's arrays, indexed by doc id.
-#[derive(Default)]
 pub struct SegmentColumns {
     /// `position` (0 if absent).
     pub position: Box<[u64]>,
@@ -76,7 +74,7 @@ pub struct SegmentColumns {
     dates: Mutex<Vec<(&'static str, Arc<DateColumn>)>>,
 }
 
-fn block_vals<T: Copy + Default + PartialOrd + std::fmt::Debug + Send + Sync + 'static>(
+fn block_vals<T: Copy + PartialOrd + std::fmt::Debug + Send + Sync + 'static>(
     column: &tantivy::columnar::Column<T>,
     max_doc: u32,
     mut each: impl FnMut(DocId, Option<T>),
@@ -97,6 +95,19 @@ fn block_vals<T: Copy + Default + PartialOrd + std::fmt::Debug + Send + Sync + '
     }
 }
 
+/// Calls `f` with every document of `term`'s posting list (deleted ones
+/// too: the collector only sees live documents).
+fn for_each_doc(reader: &SegmentReader, term: &Term, mut f: impl FnMut(DocId)) -> tantivy::Result<()> {
+    if let Some(mut postings) = reader.inverted_index(term.field())?.read_postings(term, IndexRecordOption::Basic)? {
+        let mut doc = postings.doc();
+        while doc != TERMINATED {
+            f(doc);
+            doc = postings.advance();
+        }
+    }
+    Ok(())
+}
+
 impl SegmentColumns {
     /// Decodes `reader`'s position, confidence, tier and hidden flag. A
     /// field the schema lacks decodes as absent everywhere.
@@ -114,32 +125,21 @@ impl SegmentColumns {
         let schema = reader.schema();
         let mut tier = vec![0u8; max_doc as usize];
         if let Ok(field) = schema.get_field("tier") {
-            let inverted = reader.inverted_index(field)?;
             for (i, t) in Tier::ALL.iter().enumerate() {
-                let term = Term::from_field_text(field, t.as_str());
-                if let Some(mut postings) = inverted.read_postings(&term, IndexRecordOption::Basic)? {
-                    let mut doc = postings.doc();
-                    while doc != TERMINATED {
-                        if let Some(slot) = tier.get_mut(doc as usize) {
-                            *slot = i as u8 + 1;
-                        }
-                        doc = postings.advance();
+                for_each_doc(reader, &Term::from_field_text(field, t.as_str()), |doc| {
+                    if let Some(slot) = tier.get_mut(doc as usize) {
+                        *slot = i as u8 + 1;
                     }
-                }
+                })?;
             }
         }
         let mut hidden = DocBits::with_len(max_doc);
         let mut any_hidden = false;
         if let Ok(field) = schema.get_field("hidden") {
-            let term = Term::from_field_u64(field, 1);
-            if let Some(mut postings) = reader.inverted_index(field)?.read_postings(&term, IndexRecordOption::Basic)? {
-                let mut doc = postings.doc();
-                while doc != TERMINATED {
-                    hidden.insert(doc);
-                    any_hidden = true;
-                    doc = postings.advance();
-                }
-            }
+            for_each_doc(reader, &Term::from_field_u64(field, 1), |doc| {
+                hidden.insert(doc);
+                any_hidden = true;
+            })?;
         }
         Ok(SegmentColumns {
             position: position.into_boxed_slice(),
