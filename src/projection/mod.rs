@@ -12,6 +12,7 @@
 //! [`lenses`] (live sets and materialized lens answers per pair) and
 //! [`search`] (tantivy: text and attribute search, committed on a cadence).
 
+pub(crate) mod chunked;
 pub mod kv;
 pub mod lenses;
 pub mod read_side;

@@ -112,7 +112,9 @@ impl KvStore {
 
     /// Sets the memory a bulk load of this store may hold before it
     /// spills a sorted run to disk (default `STEMEDB_REBUILD_BUFFER_MB`):
-    /// less memory means more runs to merge, never a different result.
+    /// less memory means more runs to merge and, below 32 MiB, smaller
+    /// transactions (see `projection::chunked`), never a
+    /// different result.
     pub fn with_sort_budget(mut self, bytes: usize) -> Self {
         self.sort_budget = bytes.max(1);
         self

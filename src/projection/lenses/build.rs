@@ -17,13 +17,14 @@
 
 use std::ops::Bound;
 
-use redb::{Durability, ReadableTable};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::{LensStore, META, OWNERS, PAIRS, e};
 use crate::lens::{Definitions, LiveSet, Recorded};
 use crate::model::{AssertionId, Event, LogRecord};
+use crate::projection::chunked::Chunked;
 use crate::projection::{BulkLoad, ProjectionError, check_continues, pair_key};
 use crate::sort::{Merge, Sorter};
 
@@ -96,22 +97,23 @@ impl BulkLoad for SortedBuild<'_> {
             crate::projection::flush_redb(&store.db, e)?;
             return Ok(0);
         };
-        let mut tx = store.db.begin_write().map_err(e)?;
-        tx.set_durability(Durability::Immediate).map_err(e)?;
-        {
-            let mut meta = tx.open_table(META).map_err(e)?;
-            if meta.get("checkpoint").map_err(e)?.is_some() {
-                // `bulk_load` offers a sorted build only for an empty store.
-                return Err(e("a sorted build needs an empty store"));
-            }
-            // Owners in id order, joined with the retractions to route
-            // each one to its pair (as the incremental path does through
-            // the owners table, retractions of unknown ids are ignored).
+        let mut load = Chunked::begin(&store.db, store.sort_budget).map_err(e)?;
+        if load.tx().open_table(META).map_err(e)?.get("checkpoint").map_err(e)?.is_some() {
+            // `bulk_load` offers a sorted build only for an empty store.
+            return Err(e("a sorted build needs an empty store"));
+        }
+        // Owners in id order, joined with the retractions to route each
+        // one to its pair (as the incremental path does through the owners
+        // table, retractions of unknown ids are ignored).
+        let mut retractions = retractions.finish().map_err(io)?;
+        let mut owners = owners.finish().map_err(io)?;
+        loop {
+            let mut more = false;
             {
-                let mut table = tx.open_table(OWNERS).map_err(e)?;
+                let mut table = load.tx().open_table(OWNERS).map_err(e)?;
                 let mut table = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(e)?;
-                let mut retractions = retractions.finish().map_err(io)?;
-                for row in owners.finish().map_err(io)? {
+                let mut written = 0;
+                for row in owners.by_ref() {
                     let (id, (position, pk)) = row.map_err(io)?;
                     table.insert_before(id.0.as_slice(), pk.as_slice()).map_err(e)?;
                     while let Some(r) = retractions.next_if_key(|(rid, _)| *rid <= id) {
@@ -120,47 +122,77 @@ impl BulkLoad for SortedBuild<'_> {
                             changes.push((pk.clone(), at), Change::Retract(rid), 96 + pk.len()).map_err(io)?;
                         }
                     }
-                }
-                // Whatever is left retracts ids never recorded; still,
-                // a damaged run must fail the build, not pass unnoticed.
-                for r in retractions {
-                    r.map_err(io)?;
+                    written += 16 + pk.len() + 8;
+                    if written >= load.limit() {
+                        more = true;
+                        break;
+                    }
                 }
                 table.close().map_err(e)?;
             }
-            // Pairs in key order, each replayed once from its changes. A
-            // second thread replays and encodes (a third of the work) while
-            // this one appends, so the load uses a core that is free (the
-            // other projections of a rebuild often finish first).
-            {
-                let mut table = tx.open_table(PAIRS).map_err(e)?;
-                let mut pairs = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(e)?;
-                let merged = changes.finish().map_err(io)?;
-                let defs = &store.defs;
-                let (send, receive) = std::sync::mpsc::sync_channel::<Vec<EncodedPair>>(8);
-                std::thread::scope(|scope| {
-                    let encoder = std::thread::Builder::new()
-                        .name("rebuild-lenses-encode".into())
-                        .spawn_scoped(scope, move || encode_pairs(merged, defs, send))
-                        .map_err(|x| e(format!("cannot start the encoder thread: {x}")))?;
-                    let appended = (|| {
-                        for batch in receive {
-                            for (pk, summary, live) in batch {
-                                pairs.insert_before(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
-                            }
-                        }
-                        Ok::<(), ProjectionError>(())
-                    })();
-                    // On an append error the receiver is gone, which stops the encoder.
-                    let encoded = encoder.join().unwrap_or_else(|_| Err(e("the encoder thread panicked")));
-                    appended.and(encoded)
-                })?;
-                pairs.close().map_err(e)?;
+            if !more {
+                break;
             }
-            meta.insert("checkpoint", last).map_err(e)?;
+            load = load.rotate().map_err(e)?;
         }
-        tx.commit().map_err(e)?;
+        // Whatever is left retracts ids never recorded; still, a damaged
+        // run must fail the build, not pass unnoticed.
+        for r in retractions {
+            r.map_err(io)?;
+        }
+        load = load.rotate().map_err(e)?;
+        // Pairs in key order, each replayed once from its changes. A second
+        // thread replays and encodes (a third of the work) while this one
+        // appends, so the load uses a core that is free (the other
+        // projections of a rebuild often finish first).
+        let merged = changes.finish().map_err(io)?;
+        let defs = &store.defs;
+        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<EncodedPair>>(8);
+        let load = std::thread::scope(|scope| {
+            let encoder = std::thread::Builder::new()
+                .name("rebuild-lenses-encode".into())
+                .spawn_scoped(scope, move || encode_pairs(merged, defs, send))
+                .map_err(|x| e(format!("cannot start the encoder thread: {x}")))?;
+            let appended = append_pairs(load, receive);
+            // On an append error the receiver is gone, which stops the encoder.
+            let encoded = encoder.join().unwrap_or_else(|_| Err(e("the encoder thread panicked")));
+            encoded.and(appended)
+        })?;
+        load.tx().open_table(META).map_err(e)?.insert("checkpoint", last).map_err(e)?;
+        load.commit().map_err(e)?;
         Ok(last)
+    }
+}
+
+/// Appends the encoded pairs, in the order received, rotating the
+/// transaction as it fills; gives back the last one, still open.
+fn append_pairs<'db>(
+    mut load: Chunked<'db>,
+    receive: std::sync::mpsc::Receiver<Vec<EncodedPair>>,
+) -> Result<Chunked<'db>, ProjectionError> {
+    let mut batches = receive.into_iter();
+    loop {
+        let mut more = false;
+        {
+            let mut table = load.tx().open_table(PAIRS).map_err(e)?;
+            let mut pairs = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(e)?;
+            let mut written = 0;
+            for batch in batches.by_ref() {
+                for (pk, summary, live) in batch {
+                    pairs.insert_before(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
+                    written += pk.len() + summary.len() + live.len() + 16;
+                }
+                if written >= load.limit() {
+                    more = true;
+                    break;
+                }
+            }
+            pairs.close().map_err(e)?;
+        }
+        if !more {
+            return Ok(load);
+        }
+        load = load.rotate().map_err(e)?;
     }
 }
 

@@ -1,0 +1,86 @@
+//! A bulk load's writes, cut into transactions that fit redb's write buffer.
+//!
+//! redb keeps a transaction's dirty pages in a write buffer of half its
+//! cache. Pages beyond that are written to the file at once, and the
+//! commit reads every one of them back to compute its checksum: a load
+//! that wrote a gigabyte in one transaction wrote it, read it back and
+//! wrote it again (two thirds of the kv rebuild's redb time, profiled).
+//! Committing (non-durably) before the buffer fills checksums the pages
+//! while they are still in memory; appends only copy the right edge of
+//! each tree again, so the extra commits cost almost nothing. Only the
+//! last commit is durable and carries the checkpoint: until then the
+//! store is a shadow that nobody reads, and a crash discards it.
+
+use redb::{Database, Durability, WriteTransaction};
+
+/// Bytes written into one transaction before it is committed: a quarter of
+/// the write buffer of the smallest cache a store gets (the buffer is half
+/// the cache, the offline cache is 256 MiB), so even a large row cannot
+/// push it over.
+pub(crate) const COMMIT_BYTES: usize = 32 * 1024 * 1024;
+
+/// The current transaction of a bulk load and what it has written so far.
+pub(crate) struct Chunked<'db> {
+    db: &'db Database,
+    tx: WriteTransaction,
+    written: usize,
+    limit: usize,
+}
+
+impl<'db> Chunked<'db> {
+    /// Starts the first transaction on `db`; each one is committed once
+    /// about `limit` bytes (at most [`COMMIT_BYTES`]) are written into it.
+    /// A store's sort budget is its limit too when smaller, so the tests'
+    /// tiny budgets exercise many transactions.
+    pub(crate) fn begin(db: &'db Database, limit: usize) -> Result<Chunked<'db>, redb::Error> {
+        Ok(Chunked { db, tx: begin(db)?, written: 0, limit: limit.clamp(1, COMMIT_BYTES) })
+    }
+
+    /// The transaction to write into. Tables opened on it must be closed
+    /// before the transaction is rotated or committed.
+    pub(crate) fn tx(&self) -> &WriteTransaction {
+        &self.tx
+    }
+
+    /// Counts `bytes` written.
+    pub(crate) fn wrote(&mut self, bytes: usize) {
+        self.written += bytes;
+    }
+
+    /// Whether the transaction has reached its size.
+    pub(crate) fn full(&self) -> bool {
+        self.written >= self.limit
+    }
+
+    /// Bytes a transaction takes before it is rotated.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Commits the current transaction without syncing and starts the next.
+    pub(crate) fn rotate(self) -> Result<Chunked<'db>, redb::Error> {
+        let Chunked { db, tx, limit, .. } = self;
+        tx.commit()?;
+        Chunked::begin(db, limit)
+    }
+
+    /// [`rotate`](Self::rotate)s if the transaction is [`full`](Self::full).
+    pub(crate) fn rotate_if_full(self) -> Result<Chunked<'db>, redb::Error> {
+        if self.full() { self.rotate() } else { Ok(self) }
+    }
+
+    /// Commits the last transaction durably, which makes every earlier one
+    /// durable too.
+    pub(crate) fn commit(self) -> Result<(), redb::Error> {
+        let mut tx = self.tx;
+        tx.set_durability(Durability::Immediate)?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn begin(db: &Database) -> Result<WriteTransaction, redb::Error> {
+    let mut tx = db.begin_write()?;
+    tx.set_durability(Durability::None)?;
+    Ok(tx)
+}
