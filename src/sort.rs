@@ -70,7 +70,8 @@ where
         self.rows.len() + self.runs.iter().map(|r| r.rows).sum::<usize>()
     }
 
-    fn spill(&mut self) -> std::io::Result<()> {
+    /// Sorts and writes the buffered rows as a run now, whatever the budget.
+    pub(crate) fn spill(&mut self) -> std::io::Result<()> {
         if self.rows.is_empty() {
             return Ok(());
         }
@@ -218,6 +219,88 @@ impl<K, V> Drop for Merge<K, V> {
     }
 }
 
+/// Groups values by byte-string key, for tables whose rows repeat a key
+/// with a new position each time (every assertion of a subject, of an
+/// agent, of a pair). Sorting the rows themselves compares and moves every
+/// row about log₂(n) times, which profiled as a third of the kv rebuild; a
+/// hash map gathers each key's values in push order instead, and only the
+/// distinct keys are sorted when the buffer is spilled or finished. Memory
+/// is bounded by the budget exactly as a [`Sorter`]'s is.
+pub(crate) struct Grouper<V> {
+    groups: std::collections::HashMap<Vec<u8>, Vec<V>>,
+    bytes: usize,
+    budget: usize,
+    sorted: Sorter<serde_bytes::ByteBuf, Vec<V>>,
+}
+
+impl<V> Grouper<V>
+where
+    V: Serialize + DeserializeOwned,
+{
+    /// A grouper whose runs are named `<name>-<n>.run` in `dir` and which
+    /// spills once its groups take `budget` bytes.
+    pub(crate) fn new(dir: &Path, name: &'static str, budget: usize) -> Grouper<V> {
+        Grouper { groups: Default::default(), bytes: 0, budget: budget.max(1), sorted: Sorter::new(dir, name, usize::MAX) }
+    }
+
+    /// Adds `value` to the group of `key`.
+    pub(crate) fn push(&mut self, key: &[u8], value: V) -> std::io::Result<()> {
+        self.bytes += std::mem::size_of::<V>();
+        match self.groups.get_mut(key) {
+            Some(values) => values.push(value),
+            None => {
+                // The key, its vector and the map's slot.
+                self.bytes += key.len() + 64;
+                self.groups.insert(key.to_vec(), vec![value]);
+            }
+        }
+        if self.bytes >= self.budget {
+            self.move_groups();
+            self.sorted.spill()?;
+        }
+        Ok(())
+    }
+
+    fn move_groups(&mut self) {
+        for (key, values) in self.groups.drain() {
+            // Not counted: the sorter only holds them until the spill or merge.
+            self.sorted.rows.push((serde_bytes::ByteBuf::from(key), values));
+        }
+        self.bytes = 0;
+    }
+
+    /// Every group in key order, each key once, its values in push order.
+    pub(crate) fn finish(mut self) -> std::io::Result<Groups<V>> {
+        self.move_groups();
+        let Grouper { sorted, .. } = self;
+        Ok(Groups { merge: sorted.finish()? })
+    }
+}
+
+/// The merged groups of a [`Grouper`]: a key spilled in several runs comes
+/// out once, with its values in push order (earlier runs hold earlier ones).
+pub(crate) struct Groups<V> {
+    merge: Merge<serde_bytes::ByteBuf, Vec<V>>,
+}
+
+impl<V: DeserializeOwned> Iterator for Groups<V> {
+    type Item = std::io::Result<(Vec<u8>, Vec<V>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (key, mut values) = match self.merge.next()? {
+            Ok(row) => row,
+            Err(e) => return Some(Err(e)),
+        };
+        while let Some(more) = self.merge.next_if_key(|k| *k == key) {
+            match more {
+                Ok((_, later)) => values.extend(later),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok((key.into_vec(), values)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +327,30 @@ mod tests {
             let mut expected: Vec<(u16, (u32, usize))> = rows.iter().enumerate().map(|(i, (k, v))| (*k, (*v, i))).collect();
             expected.sort_by_key(|r| r.0); // stable: equal keys keep push order
             prop_assert_eq!(out, expected);
+            prop_assert!(!sort_dir.exists(), "runs are removed once merged");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the budget, each key comes out once, in key order, with
+        /// every value pushed for it in push order.
+        #[test]
+        fn groups_values_by_key_across_runs(
+            rows in proptest::collection::vec((proptest::collection::vec(0u8..4, 0..4), any::<u32>()), 0..2_000),
+            budget in 1usize..2_000,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let sort_dir = dir.path().join("g");
+            let mut grouper: Grouper<(u32, usize)> = Grouper::new(&sort_dir, "g", budget);
+            let mut expected: std::collections::BTreeMap<Vec<u8>, Vec<(u32, usize)>> = Default::default();
+            for (i, (k, v)) in rows.iter().enumerate() {
+                grouper.push(k, (*v, i)).unwrap();
+                expected.entry(k.clone()).or_default().push((*v, i));
+            }
+            let out: Vec<_> = grouper.finish().unwrap().map(|r| r.unwrap()).collect();
+            prop_assert_eq!(out, expected.into_iter().collect::<Vec<_>>());
             prop_assert!(!sort_dir.exists(), "runs are removed once merged");
         }
     }

@@ -2,10 +2,12 @@
 //!
 //! Records and the log table are keyed by position, so they are appended
 //! as the log is read. Every other table is keyed by something the log
-//! does not arrive sorted by (ids, subjects, predicates, agents, pairs):
-//! those rows go through an external [`Sorter`] and are appended in key
-//! order at the end, so each page is written once instead of once per
-//! transaction that touches it.
+//! does not arrive sorted by: ids go through an external [`Sorter`]; the
+//! rows of the subject, predicate, agent and pair indexes, which repeat
+//! their key once per event, are gathered per key by a [`Grouper`] (only
+//! the distinct keys are sorted). All are appended in key order at the
+//! end, so each page is written once instead of once per transaction that
+//! touches it.
 //!
 //! Retractions and supersessions change an assertion that was appended
 //! earlier. They are sorted by the id they target, merged with the sorted
@@ -19,22 +21,15 @@ use std::ops::Bound;
 
 use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 
 use super::*;
 use crate::model::{Event, LogRecord};
 use crate::projection::chunked::Chunked;
 use crate::projection::{BulkLoad, check_continues, pair_key};
-use crate::sort::Sorter;
+use crate::sort::{Grouper, Groups, Sorter};
 
-/// Which sorted index table a row belongs to.
-const TO_PAIR: u8 = 0;
-const TO_SUBJECT: u8 = 1;
-const TO_PREDICATE: u8 = 2;
-const TO_AGENT: u8 = 3;
-
-/// (table, key) → value of the index-table rows, sorted for appending.
-type IndexRows = Sorter<(u8, ByteBuf), (u8, u64)>;
+/// A pair-index row: (position, kind, assertion position), as in [`BY_PAIR`].
+type PairRow = (u64, u8, u64);
 
 /// A later event that changes an earlier assertion's record.
 #[derive(Serialize, Deserialize)]
@@ -66,8 +61,11 @@ pub(super) struct SortedBuild<'a> {
     encoded: Vec<u8>,
     /// id → position.
     ids: Sorter<AssertionId, u64>,
-    /// (table, key) → value of the index tables (pair rows' value; zero for the others).
-    index: IndexRows,
+    /// pair → its rows in [`BY_PAIR`].
+    pairs: Grouper<PairRow>,
+    /// subject, predicate, agent → the positions of its assertions, for
+    /// [`NAME_TABLES`].
+    names: [Grouper<u64>; 3],
     /// (target id, position) → change.
     changes: Sorter<(AssertionId, u64), Change>,
 }
@@ -87,8 +85,10 @@ impl<'a> SortedBuild<'a> {
             first: None,
             last: 0,
             encoded: Vec::new(),
-            // Four index rows per assertion against one id row.
-            index: Sorter::new(&dir, "index", budget / 8 * 6),
+            // Four index rows per assertion against one id row; pair rows
+            // are the largest (a long key, repeated least).
+            pairs: Grouper::new(&dir, "pairs", budget / 8 * 3),
+            names: ["subjects", "predicates", "agents"].map(|name| Grouper::new(&dir, name, budget / 8)),
             ids: Sorter::new(&dir, "ids", budget / 8 * 2),
             changes: Sorter::new(&dir, "changes", budget / 8),
         })
@@ -117,7 +117,7 @@ impl BulkLoad for SortedBuild<'_> {
             crate::projection::flush_redb(&self.store.db, kerr)?;
             return Ok(0);
         }
-        let SortedBuild { ids, index, changes, last, store, .. } = *self;
+        let SortedBuild { ids, mut pairs, names, changes, last, store, .. } = *self;
         let budget = store.sort_budget / 8;
         let dir = crate::projection::slot::sibling(&store.path, "sort");
         // Ids in order, joined with the changes to find their targets'
@@ -160,48 +160,12 @@ impl BulkLoad for SortedBuild<'_> {
         }
         load = load.rotate().map_err(kerr)?;
         // The changed records, each rewritten once with its changes in log order.
-        let index = rewrite_changed(load.tx(), by_target, index)?;
+        rewrite_changed(load.tx(), by_target, &mut pairs)?;
         load = load.rotate().map_err(kerr)?;
         // The index tables, each in key order.
-        let mut rows = index.finish().map_err(io)?;
-        loop {
-            let mut more = false;
-            {
-                let tx = load.tx();
-                let mut by_pair = tx.open_table(BY_PAIR).map_err(kerr)?;
-                let mut by_subject = tx.open_table(BY_SUBJECT).map_err(kerr)?;
-                let mut by_predicate = tx.open_table(BY_PREDICATE).map_err(kerr)?;
-                let mut by_agent = tx.open_table(BY_AGENT).map_err(kerr)?;
-                let end = Bound::<&[u8]>::Unbounded;
-                let mut by_pair = by_pair.upper_bound_mut(end).map_err(kerr)?;
-                let mut by_subject = by_subject.upper_bound_mut(end).map_err(kerr)?;
-                let mut by_predicate = by_predicate.upper_bound_mut(end).map_err(kerr)?;
-                let mut by_agent = by_agent.upper_bound_mut(end).map_err(kerr)?;
-                let mut written = 0;
-                for row in rows.by_ref() {
-                    let ((table, key), value) = row.map_err(io)?;
-                    written += key.len() + INDEX_ROW_OVERHEAD;
-                    match table {
-                        TO_PAIR => by_pair.insert_before(key.as_slice(), value),
-                        TO_SUBJECT => by_subject.insert_before(key.as_slice(), ()),
-                        TO_PREDICATE => by_predicate.insert_before(key.as_slice(), ()),
-                        _ => by_agent.insert_before(key.as_slice(), ()),
-                    }
-                    .map_err(kerr)?;
-                    if written >= load.limit() {
-                        more = true;
-                        break;
-                    }
-                }
-                for cursor in [by_subject, by_predicate, by_agent] {
-                    cursor.close().map_err(kerr)?;
-                }
-                by_pair.close().map_err(kerr)?;
-            }
-            if !more {
-                break;
-            }
-            load = load.rotate().map_err(kerr)?;
+        load = append_groups(load, BY_PAIR, pairs.finish().map_err(io)?, |&(at, kind, of)| (at, (kind, of)))?;
+        for (table, groups) in NAME_TABLES.into_iter().zip(names) {
+            load = append_groups(load, table, groups.finish().map_err(io)?, |&at| (at, ()))?;
         }
         load.tx().open_table(META).map_err(kerr)?.insert("checkpoint", last).map_err(kerr)?;
         load.commit().map_err(kerr)?;
@@ -213,18 +177,88 @@ impl BulkLoad for SortedBuild<'_> {
 const LOG_ROW_BYTES: usize = 8 + 16 + 1 + 8 + 8 + 16;
 /// Bytes an id row takes in its leaf (key, value and slot), for [`Chunked`].
 const ID_ROW_BYTES: usize = 16 + 8 + 8;
+/// The index tables of subjects, predicates and agents, in the order of
+/// [`SortedBuild::names`].
+const NAME_TABLES: [TableDefinition<'static, &'static [u8], ()>; 3] = [BY_SUBJECT, BY_PREDICATE, BY_AGENT];
+
+/// Appends `groups` to `table`, a row `key ‖ 0 ‖ position` per value
+/// (`row` gives a value's position and table value), in key order, rotating
+/// the transaction as it fills, even inside a group.
+///
+/// Groups in key order give rows in key order because names never contain
+/// a 0 byte (a pair key holds exactly one, between two names): a shorter
+/// key's `0` sorts before any byte of a longer one it prefixes. Should that
+/// ever not hold, redb refuses the unordered append and the build fails.
+fn append_groups<'db, V, T>(
+    mut load: Chunked<'db>,
+    table: TableDefinition<'static, &'static [u8], T>,
+    mut groups: Groups<V>,
+    row: impl Fn(&V) -> (u64, T),
+) -> Result<Chunked<'db>, ProjectionError>
+where
+    V: serde::de::DeserializeOwned,
+    T: for<'a> redb::Value<SelfType<'a> = T> + 'static,
+{
+    let mut key = Vec::new();
+    // A group cut by a rotation, and the index of its next value.
+    let mut cut: Option<(Vec<u8>, Vec<V>, usize)> = None;
+    loop {
+        let mut more = false;
+        {
+            let mut opened = load.tx().open_table(table).map_err(kerr)?;
+            let mut cursor = opened.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(kerr)?;
+            let mut written = 0;
+            'groups: loop {
+                let (prefix, values, from) = match cut.take() {
+                    Some(group) => group,
+                    None => match groups.next() {
+                        None => break,
+                        Some(group) => {
+                            let (prefix, mut values) = group.map_err(io)?;
+                            // Retractions' pair rows arrive after every assertion's.
+                            values.sort_by_key(|v| row(v).0);
+                            (prefix, values, 0)
+                        }
+                    },
+                };
+                for i in from..values.len() {
+                    let (position, value) = row(&values[i]);
+                    key.clear();
+                    key.extend_from_slice(&prefix);
+                    key.push(0);
+                    key.extend_from_slice(&position.to_be_bytes());
+                    cursor.insert_before(key.as_slice(), value).map_err(kerr)?;
+                    written += key.len() + INDEX_ROW_OVERHEAD;
+                    if written >= load.limit() {
+                        if i + 1 < values.len() {
+                            cut = Some((prefix, values, i + 1));
+                        }
+                        more = true;
+                        break 'groups;
+                    }
+                }
+            }
+            cursor.close().map_err(kerr)?;
+        }
+        if !more {
+            return Ok(load);
+        }
+        load = load.rotate().map_err(kerr)?;
+    }
+}
+
 /// Bytes an index row takes in its leaf besides its key.
 const INDEX_ROW_OVERHEAD: usize = 8 + 9;
 
 /// Rewrites each record that later events changed, once, with its changes
-/// in log order, and sorts the pair-index rows of its retractions into
-/// `index`. Retractions are few next to assertions, so one transaction
+/// in log order, and adds the pair-index rows of its retractions to
+/// `pairs`. Retractions are few next to assertions, so one transaction
 /// holds them.
 fn rewrite_changed(
     tx: &WriteTransaction,
     by_target: Sorter<(u64, u64), Change>,
-    mut index: IndexRows,
-) -> Result<IndexRows, ProjectionError> {
+    pairs: &mut Grouper<PairRow>,
+) -> Result<(), ProjectionError> {
     let mut records = tx.open_table(RECORDS).map_err(kerr)?;
     let mut merged = by_target.finish().map_err(io)?;
     let mut bytes = Vec::new();
@@ -238,7 +272,7 @@ fn rewrite_changed(
         while let Some((at, change)) = next.take() {
             match change {
                 Change::Retracted(r) => {
-                    index.push((TO_PAIR, ByteBuf::from(index_key(&pk, at))), (KIND_RETRACTED, target), 96).map_err(io)?;
+                    pairs.push(&pk, (at, KIND_RETRACTED, target)).map_err(io)?;
                     if stored.retraction.is_none() {
                         stored.retraction = Some(r);
                     }
@@ -255,7 +289,7 @@ fn rewrite_changed(
         rmp_serde::encode::write_named(&mut bytes, &stored).map_err(kerr)?;
         records.insert(target, bytes.as_slice()).map_err(kerr)?;
     }
-    Ok(index)
+    Ok(())
 }
 
 impl SortedBuild<'_> {
@@ -281,16 +315,9 @@ impl SortedBuild<'_> {
                     stored.insert_before(p, self.encoded.as_slice()).map_err(kerr)?;
                     written += self.encoded.len() + LOG_ROW_BYTES;
                     self.ids.push(*id, p, 80).map_err(io)?;
-                    let pk = pair_key(&a.subject, &a.predicate);
-                    let rows = [
-                        (TO_PAIR, index_key(&pk, p), (KIND_ASSERTED, p)),
-                        (TO_SUBJECT, index_key(a.subject.as_bytes(), p), (0, 0)),
-                        (TO_PREDICATE, index_key(a.predicate.as_bytes(), p), (0, 0)),
-                        (TO_AGENT, index_key(a.agent.as_bytes(), p), (0, 0)),
-                    ];
-                    for (table, key, value) in rows {
-                        let bytes = 72 + key.len();
-                        self.index.push((table, ByteBuf::from(key)), value, bytes).map_err(io)?;
+                    self.pairs.push(&pair_key(&a.subject, &a.predicate), (p, KIND_ASSERTED, p)).map_err(io)?;
+                    for (names, name) in self.names.iter_mut().zip([&a.subject, &a.predicate, &a.agent]) {
+                        names.push(name.as_bytes(), p).map_err(io)?;
                     }
                 }
                 Event::AssertionRetracted(rt) => {
