@@ -182,17 +182,7 @@ fn single(set: &LiveSet, e: &Entry) -> Winner {
 
 /// Consensus over `entries` (a subset of `set`, in log order).
 fn consensus(set: &LiveSet, entries: &[&Entry], defs: &Definitions, w: Weighting) -> Resolution {
-    // One agent, one voice: each agent's newest live entry.
-    let mut newest: HashMap<&str, &Entry> = HashMap::new();
-    for e in entries {
-        match newest.get(e.agent.as_str()) {
-            Some(cur) if cur.newness() >= e.newness() => {}
-            _ => {
-                newest.insert(e.agent.as_str(), e);
-            }
-        }
-    }
-    let mut counted: Vec<&Entry> = newest.into_values().collect();
+    let mut counted = newest_per_agent(entries);
     counted.sort_by_key(|e| e.position);
 
     struct Acc {
@@ -230,6 +220,35 @@ fn consensus(set: &LiveSet, entries: &[&Entry], defs: &Definitions, w: Weighting
     let conflict = conflict(&claims);
     let winner = claims.first().map(|c| Winner { value: c.value.clone(), confidence: c.share, assertions: c.assertions.clone() });
     Resolution { winner, claims, conflict, tiers: None }
+}
+
+/// One agent, one voice: each agent's newest live entry, in no order.
+/// Most pairs have a handful of agents, for which a scan of a short list
+/// is several times cheaper than hashing every name (consensus runs for
+/// every pair a rebuild writes, and for every `as_of`/`decay` read); many
+/// agents go through a hash map.
+fn newest_per_agent<'e>(entries: &[&'e Entry]) -> Vec<&'e Entry> {
+    const SCAN_UP_TO: usize = 16;
+    let keep = |cur: &mut &'e Entry, e: &'e Entry| {
+        if e.newness() > cur.newness() {
+            *cur = e;
+        }
+    };
+    if entries.len() <= SCAN_UP_TO {
+        let mut newest: Vec<&Entry> = Vec::with_capacity(entries.len());
+        for &e in entries {
+            match newest.iter_mut().find(|cur| cur.agent == e.agent) {
+                Some(cur) => keep(cur, e),
+                None => newest.push(e),
+            }
+        }
+        return newest;
+    }
+    let mut newest: HashMap<&str, &Entry> = HashMap::new();
+    for &e in entries {
+        newest.entry(e.agent.as_str()).and_modify(|cur| keep(cur, e)).or_insert(e);
+    }
+    newest.into_values().collect()
 }
 
 /// Normalized entropy and status of a list of claims.
