@@ -141,22 +141,36 @@ impl BulkLoad for SortedBuild<'_> {
             r.map_err(io)?;
         }
         load = load.rotate().map_err(e)?;
-        // Pairs in key order, each replayed once from its changes. A second
-        // thread replays and encodes (a third of the work) while this one
-        // appends, so the load uses a core that is free (the other
-        // projections of a rebuild often finish first).
+        // Pairs in key order, each replayed once from its changes. One
+        // thread merges the runs and replays each pair's live set; the
+        // encoders summarize and encode (the heaviest part, and the only
+        // one that parallelizes); this one appends. The other projections
+        // of a rebuild often finish first, leaving the cores to this.
         let merged = changes.finish().map_err(io)?;
         let defs = &store.defs;
-        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<EncodedPair>>(8);
+        let workers = encoder_threads();
         let load = std::thread::scope(|scope| {
-            let encoder = std::thread::Builder::new()
-                .name("rebuild-lenses-encode".into())
-                .spawn_scoped(scope, move || encode_pairs(merged, defs, send))
-                .map_err(|x| e(format!("cannot start the encoder thread: {x}")))?;
-            let appended = append_pairs(load, receive);
-            // On an append error the receiver is gone, which stops the encoder.
-            let encoded = encoder.join().unwrap_or_else(|_| Err(e("the encoder thread panicked")));
-            encoded.and(appended)
+            // Batch k goes to encoder k mod n and comes back on its own
+            // channel, so reading the outputs in turn restores key order.
+            let (mut inputs, mut outputs, mut threads) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..workers {
+                let (to_encoder, from_replay) = std::sync::mpsc::sync_channel::<Vec<ReplayedPair>>(4);
+                let (to_appender, from_encoder) = std::sync::mpsc::sync_channel::<Vec<EncodedPair>>(4);
+                threads.push(spawn(scope, format!("rebuild-lenses-encode-{i}"), move || encode_pairs(from_replay, defs, to_appender))?);
+                inputs.push(to_encoder);
+                outputs.push(from_encoder);
+            }
+            let batch = batch_pairs(store.sort_budget);
+            threads.push(spawn(scope, "rebuild-lenses-replay".into(), move || replay_pairs(merged, batch, inputs))?);
+            let appended = append_pairs(load, outputs);
+            // On an append error the receivers are gone, which stops the
+            // encoders, and with them the replay.
+            let mut done = Ok(());
+            for t in threads {
+                let r = t.join().unwrap_or_else(|_| Err(e("a rebuild thread panicked")));
+                done = done.and(r);
+            }
+            done.and(appended)
         })?;
         load.tx().open_table(META).map_err(e)?.insert("checkpoint", last).map_err(e)?;
         load.commit().map_err(e)?;
@@ -168,9 +182,11 @@ impl BulkLoad for SortedBuild<'_> {
 /// transaction as it fills; gives back the last one, still open.
 fn append_pairs<'db>(
     mut load: Chunked<'db>,
-    receive: std::sync::mpsc::Receiver<Vec<EncodedPair>>,
+    outputs: Vec<std::sync::mpsc::Receiver<Vec<EncodedPair>>>,
 ) -> Result<Chunked<'db>, ProjectionError> {
-    let mut batches = receive.into_iter();
+    // The encoders' outputs in turn, until the first one that is finished
+    // (batches were dealt in turn, so every later one is finished too).
+    let mut batches = outputs.iter().cycle().map_while(|o| o.recv().ok());
     loop {
         let mut more = false;
         {
@@ -199,16 +215,45 @@ fn append_pairs<'db>(
 /// A pair's key, encoded summary and encoded live set.
 type EncodedPair = (ByteBuf, Vec<u8>, Vec<u8>);
 
+/// Starts a named thread of the build in `scope`.
+fn spawn<'scope, F>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    name: String,
+    f: F,
+) -> Result<std::thread::ScopedJoinHandle<'scope, Result<(), ProjectionError>>, ProjectionError>
+where
+    F: FnOnce() -> Result<(), ProjectionError> + Send + 'scope,
+{
+    std::thread::Builder::new().name(name).spawn_scoped(scope, f).map_err(|x| e(format!("cannot start a rebuild thread: {x}")))
+}
+
+/// A pair's key and its replayed live set.
+type ReplayedPair = (ByteBuf, LiveSet);
+
+/// Threads that summarize and encode pairs: the cores, from two (so the
+/// dealing is always exercised) up to four. They are a rebuild's last
+/// step, usually alone on the machine (kv finishes first), and
+/// summarizing is two thirds of it.
+fn encoder_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4)
+}
+
+/// Pairs per batch dealt to an encoder: 256, fewer for a store given a
+/// tiny sort budget (the tests'), so that many batches go round.
+fn batch_pairs(sort_budget: usize) -> usize {
+    (sort_budget / (256 * 1024)).clamp(1, 256)
+}
+
 /// Replays each pair's changes (sorted by pair, then position) into its
-/// live set and sends the encoded rows, in key order, in batches; stops
-/// early if the receiver is gone.
-fn encode_pairs(
+/// live set and deals the sets, in key order, in batches of `size` to
+/// `encoders` in turn; stops early if one is gone.
+fn replay_pairs(
     mut merged: Merge<(ByteBuf, u64), Change>,
-    defs: &Definitions,
-    send: std::sync::mpsc::SyncSender<Vec<EncodedPair>>,
+    size: usize,
+    encoders: Vec<std::sync::mpsc::SyncSender<Vec<ReplayedPair>>>,
 ) -> Result<(), ProjectionError> {
-    const BATCH: usize = 256;
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut batch = Vec::with_capacity(size);
+    let mut turn = encoders.iter().cycle();
     while let Some(row) = merged.next() {
         let ((pk, _), change) = row.map_err(io)?;
         let mut set = LiveSet::default();
@@ -217,15 +262,39 @@ fn encode_pairs(
             let Some(row) = merged.next() else { break };
             apply(&mut set, row.map_err(io)?.1);
         }
-        let (mut summary, mut live) = (Vec::new(), Vec::new());
-        super::encode_pair(&set, defs, &mut summary, &mut live)?;
-        batch.push((pk, summary, live));
-        if batch.len() == BATCH && send.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_err() {
-            return Ok(());
+        batch.push((pk, set));
+        if batch.len() >= size {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(size));
+            if turn.next().is_none_or(|to| to.send(full).is_err()) {
+                return Ok(());
+            }
         }
     }
-    if !batch.is_empty() {
-        let _ = send.send(batch);
+    if !batch.is_empty()
+        && let Some(to) = turn.next()
+    {
+        let _ = to.send(batch);
+    }
+    Ok(())
+}
+
+/// Summarizes and encodes each batch of replayed pairs, in the order
+/// received; stops early if the appender is gone.
+fn encode_pairs(
+    from_replay: std::sync::mpsc::Receiver<Vec<ReplayedPair>>,
+    defs: &Definitions,
+    to_appender: std::sync::mpsc::SyncSender<Vec<EncodedPair>>,
+) -> Result<(), ProjectionError> {
+    for batch in from_replay {
+        let mut encoded = Vec::with_capacity(batch.len());
+        for (pk, set) in batch {
+            let (mut summary, mut live) = (Vec::new(), Vec::new());
+            super::encode_pair(&set, defs, &mut summary, &mut live)?;
+            encoded.push((pk, summary, live));
+        }
+        if to_appender.send(encoded).is_err() {
+            return Ok(());
+        }
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! are reproducible bit for bit), and writes both back with the checkpoint.
 
 mod build;
+mod packed;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -176,7 +177,7 @@ impl LensStore {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(PAIRS).map_err(e)?;
         let s = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
-            Some(v) => rmp_serde::from_slice(v.value().0).map_err(e)?,
+            Some(v) => packed::decode(v.value().0, true).map_err(e)?,
             None => Summary::empty(),
         };
         Ok((s, checkpoint_in(&tx)?))
@@ -188,8 +189,7 @@ impl LensStore {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(PAIRS).map_err(e)?;
         let summary = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
-            Some(v) if lens == Lens::Layered => rmp_serde::from_slice(v.value().0).map_err(e)?,
-            Some(v) => rmp_serde::from_slice::<SummaryHead>(v.value().0).map_err(e)?.into_summary(),
+            Some(v) => packed::decode(v.value().0, lens == Lens::Layered).map_err(e)?,
             None => Summary::empty(),
         };
         Ok((summary.into_resolution(lens), checkpoint_in(&tx)?))
@@ -218,21 +218,22 @@ impl LensStore {
         for row in t.range(start.as_slice()..end.as_slice()).map_err(e)? {
             let (k, v) = row.map_err(e)?;
             let Some((_, p)) = split_pair_key(k.value()) else { continue };
-            out.push((p.to_string(), rmp_serde::from_slice(v.value().0).map_err(e)?));
+            out.push((p.to_string(), packed::decode(v.value().0, true).map_err(e)?));
         }
         Ok((out, checkpoint_in(&tx)?))
     }
 }
 
 /// Encodes a pair's row (its summary and live set) into the two buffers.
-/// Structs are msgpack arrays, without field names: rows are about half
-/// the size of the named form, which matters because every lens read
-/// decodes one and a rebuild writes every one. Decoding accepts both
-/// forms, so stores written before this change still read.
+/// The summary is [`packed`]; the live set's structs are msgpack arrays,
+/// without field names (about half the size of the named form), which
+/// matters because every lens read decodes a summary and a rebuild writes
+/// every row. Decoding accepts the older forms too, so stores written
+/// before these changes still read.
 fn encode_pair(set: &LiveSet, defs: &Definitions, summary: &mut Vec<u8>, live: &mut Vec<u8>) -> Result<(), ProjectionError> {
     summary.clear();
     live.clear();
-    rmp_serde::encode::write(summary, &Summary::of(set, defs)).map_err(e)?;
+    packed::encode(&Summary::of(set, defs), summary).map_err(e)?;
     rmp_serde::encode::write(live, set).map_err(e)
 }
 
@@ -422,13 +423,17 @@ mod tests {
         let (mut s, mut l) = (Vec::new(), Vec::new());
         encode_pair(&set, &defs, &mut s, &mut l).expect("encode");
         let named_summary = rmp_serde::to_vec_named(&summary).expect("encode");
+        let positional_summary = rmp_serde::to_vec(&summary).expect("encode");
         let named_set = rmp_serde::to_vec_named(&set).expect("encode");
-        assert!(s.len() < named_summary.len() && l.len() < named_set.len());
-        for bytes in [&s, &named_summary] {
-            assert_eq!(rmp_serde::from_slice::<Summary>(bytes).expect("decode"), summary);
+        assert!(s.len() * 5 < positional_summary.len() * 3, "packed {} bytes, positional {}", s.len(), positional_summary.len());
+        assert!(positional_summary.len() < named_summary.len() && l.len() < named_set.len());
+        // The packed form and both older ones read back the same summary.
+        for bytes in [&s, &positional_summary, &named_summary] {
+            assert_eq!(packed::decode(bytes, true).expect("decode"), summary);
             // The reads of every lens but layered skip the tiers undecoded
             // and must still give the same answers.
-            let head = rmp_serde::from_slice::<SummaryHead>(bytes).expect("decode head").into_summary();
+            let head = packed::decode(bytes, false).expect("decode head");
+            assert!(head.tiers.is_empty());
             for lens in Lens::ALL.iter().copied().filter(|l| *l != Lens::Layered) {
                 assert_eq!(head.clone().into_resolution(lens), summary.resolution(lens), "{}", lens.as_str());
             }
