@@ -118,9 +118,20 @@ async fn offline_rebuild_answers_byte_for_byte_the_same() {
 
     assert!(server.terminate().success(), "clean exit; log:\n{}", server.log());
     let (kv, lenses) = (db_dir(&data).join("kv.redb"), db_dir(&data).join("lenses.redb"));
+    let (kv0, lenses0) = (inode(&kv), inode(&lenses));
+
+    // The stores' own lock is honoured too: a server keeps it until its
+    // stores are closed, after the log's lock is gone (a slow shutdown).
+    {
+        let held = std::fs::File::create(db_dir(&data).join("LOCK")).expect("db lock file");
+        held.try_lock().expect("take the stores' lock as a stopping server would hold it");
+        let (code, out, err) = common::run_cli(&data, &["admin", "rebuild-projections"]);
+        assert_ne!(code, 0, "rebuild while the stores are held: {out}");
+        assert!(err.contains("running server") && err.contains("LOCK"), "the refusal names the running server and the lock: {err}");
+        assert_eq!((inode(&kv), inode(&lenses)), (kv0, lenses0), "the refused rebuild replaced nothing");
+    }
 
     // All projections.
-    let (kv0, lenses0) = (inode(&kv), inode(&lenses));
     let out = cli_ok(&data, &["admin", "rebuild-projections"]);
     let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     assert!(lines.iter().any(|l| l["projection"] == "kv" && l["events"] == corpus.last), "{out}");

@@ -93,6 +93,7 @@ pub fn restore(data: &DataArgs, a: RestoreArgs) -> anyhow::Result<i32> {
     let names = crate::cli::admin::projection_names(&a.projection)?;
     prepare_target(data, a.force)?;
     let lock = DirLock::acquire(&data.wal_dir()).map_err(|e| anyhow::anyhow!("{e}; is a server running on this data directory?"))?;
+    let _stores = DirLock::acquire(&data.db_dir()).map_err(|e| anyhow::anyhow!("{e}; is a server running on this data directory?"))?;
     let started = Instant::now();
     let rt = runtime()?;
     let (entries, downloaded, cut) = rt.block_on(async {

@@ -84,6 +84,12 @@ pub struct ReadSide {
     feed: LogFeed,
     /// Online rebuild jobs.
     pub jobs: super::rebuild::Jobs,
+    /// `<db>/LOCK`, held until the read side is dropped, which is after
+    /// its workers have closed the stores. The WAL's lock goes with the
+    /// writer, earlier in a shutdown, so without this one an offline tool
+    /// started during a slow stop got past the lock and met redb's
+    /// "Database already open" instead of a clear refusal.
+    _lock: crate::wal::lock::DirLock,
 }
 
 impl ReadSide {
@@ -99,6 +105,8 @@ impl ReadSide {
     /// [`ReadSide::start`] with an explicit search definition and any log
     /// feed: the writer's own log, or the copy a follower downloads.
     pub fn start_with(db_dir: &Path, feed: LogFeed, defs: Definitions, search_def: SearchDefinition) -> Result<ReadSide, ProjectionError> {
+        let lock = crate::wal::lock::DirLock::acquire(db_dir)
+            .map_err(|e| ProjectionError { projection: "stores", message: format!("{e}: another process has these projections open") })?;
         let kv = Arc::new(kv_slot(db_dir)?);
         let lenses = Arc::new(lenses_slot(db_dir, defs)?);
         if let Some(why) = lenses.stale() {
@@ -115,7 +123,7 @@ impl ReadSide {
             Worker::spawn(search.clone(), feed.clone(), DEFAULT_BATCH).map_err(err("search"))?,
         ];
         let receivers = workers.iter().map(|w| (w.name, w.subscribe())).collect();
-        Ok(ReadSide { kv, lenses, search, workers: Mutex::new(workers), receivers, feed, jobs: Default::default() })
+        Ok(ReadSide { kv, lenses, search, workers: Mutex::new(workers), receivers, feed, jobs: Default::default(), _lock: lock })
     }
 
     /// Every projection as something a rebuild or verification can work on.

@@ -43,7 +43,7 @@ pub enum WalError {
     #[error("a group of events encodes to {0} bytes, more than the {1}-byte frame limit")]
     FrameTooLarge(usize, usize),
     /// Another process holds the directory.
-    #[error("the WAL directory is in use by another process (lock {0} is held); stop the running server first")]
+    #[error("the directory is in use by another process (lock {0} is held); stop the running server first")]
     Locked(PathBuf),
     /// An earlier write or fsync failed; the writer needs a restart.
     #[error("the WAL writer stopped after an earlier failure ({0}); restart the server to run recovery")]
