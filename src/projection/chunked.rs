@@ -52,16 +52,26 @@ impl<'db> Chunked<'db> {
         self.written >= self.limit
     }
 
-    /// Bytes a transaction takes before it is rotated.
-    pub(crate) fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Commits the current transaction without syncing and starts the next.
     pub(crate) fn rotate(self) -> Result<Chunked<'db>, redb::Error> {
         let Chunked { db, tx, limit, .. } = self;
         tx.commit()?;
         Chunked::begin(db, limit)
+    }
+
+    /// Calls `fill` with the current transaction and the bytes it may write
+    /// into it, rotating after every call that says more is left (`true`);
+    /// gives back the last transaction, still open. `fill` closes the
+    /// tables it opens before returning.
+    pub(crate) fn fill<E>(
+        mut self,
+        mut fill: impl FnMut(&WriteTransaction, usize) -> Result<bool, E>,
+        err: impl Fn(redb::Error) -> E,
+    ) -> Result<Chunked<'db>, E> {
+        while fill(&self.tx, self.limit)? {
+            self = self.rotate().map_err(&err)?;
+        }
+        Ok(self)
     }
 
     /// [`rotate`](Self::rotate)s if the transaction is [`full`](Self::full).

@@ -125,12 +125,11 @@ impl BulkLoad for SortedBuild<'_> {
         let mut by_target: Sorter<(u64, u64), Change> = Sorter::new(&dir, "by-target", budget);
         let mut changes = changes.finish().map_err(io)?;
         let mut ids = ids.finish().map_err(io)?;
-        loop {
-            let mut more = false;
-            {
-                let mut table = load.tx().open_table(IDS).map_err(kerr)?;
+        load = load.fill(
+            |tx, limit| {
+                let mut table = tx.open_table(IDS).map_err(kerr)?;
                 let mut table = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(kerr)?;
-                let mut written = 0;
+                let (mut written, mut more) = (0, false);
                 for row in ids.by_ref() {
                     let (id, position) = row.map_err(io)?;
                     table.insert_before(id.0.as_slice(), position).map_err(kerr)?;
@@ -141,18 +140,16 @@ impl BulkLoad for SortedBuild<'_> {
                         }
                     }
                     written += ID_ROW_BYTES;
-                    if written >= load.limit() {
+                    if written >= limit {
                         more = true;
                         break;
                     }
                 }
                 table.close().map_err(kerr)?;
-            }
-            if !more {
-                break;
-            }
-            load = load.rotate().map_err(kerr)?;
-        }
+                Ok(more)
+            },
+            kerr,
+        )?;
         // Whatever is left changes ids never recorded; still, a damaged
         // run must fail the build, not pass unnoticed.
         for c in changes {
@@ -190,7 +187,7 @@ const NAME_TABLES: [TableDefinition<'static, &'static [u8], ()>; 3] = [BY_SUBJEC
 /// key's `0` sorts before any byte of a longer one it prefixes. Should that
 /// ever not hold, redb refuses the unordered append and the build fails.
 fn append_groups<'db, V, T>(
-    mut load: Chunked<'db>,
+    load: Chunked<'db>,
     table: TableDefinition<'static, &'static [u8], T>,
     mut groups: Groups<V>,
     row: impl Fn(&V) -> (u64, T),
@@ -202,12 +199,11 @@ where
     let mut key = Vec::new();
     // A group cut by a rotation, and the index of its next value.
     let mut cut: Option<(Vec<u8>, Vec<V>, usize)> = None;
-    loop {
-        let mut more = false;
-        {
-            let mut opened = load.tx().open_table(table).map_err(kerr)?;
+    load.fill(
+        |tx, limit| {
+            let mut opened = tx.open_table(table).map_err(kerr)?;
             let mut cursor = opened.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(kerr)?;
-            let mut written = 0;
+            let (mut written, mut more) = (0, false);
             'groups: loop {
                 let (prefix, values, from) = match cut.take() {
                     Some(group) => group,
@@ -229,7 +225,7 @@ where
                     key.extend_from_slice(&position.to_be_bytes());
                     cursor.insert_before(key.as_slice(), value).map_err(kerr)?;
                     written += key.len() + INDEX_ROW_OVERHEAD;
-                    if written >= load.limit() {
+                    if written >= limit {
                         if i + 1 < values.len() {
                             cut = Some((prefix, values, i + 1));
                         }
@@ -239,12 +235,10 @@ where
                 }
             }
             cursor.close().map_err(kerr)?;
-        }
-        if !more {
-            return Ok(load);
-        }
-        load = load.rotate().map_err(kerr)?;
-    }
+            Ok(more)
+        },
+        kerr,
+    )
 }
 
 /// Bytes an index row takes in its leaf besides its key.

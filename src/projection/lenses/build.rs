@@ -107,12 +107,11 @@ impl BulkLoad for SortedBuild<'_> {
         // table, retractions of unknown ids are ignored).
         let mut retractions = retractions.finish().map_err(io)?;
         let mut owners = owners.finish().map_err(io)?;
-        loop {
-            let mut more = false;
-            {
-                let mut table = load.tx().open_table(OWNERS).map_err(e)?;
+        load = load.fill(
+            |tx, limit| {
+                let mut table = tx.open_table(OWNERS).map_err(e)?;
                 let mut table = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(e)?;
-                let mut written = 0;
+                let (mut written, mut more) = (0, false);
                 for row in owners.by_ref() {
                     let (id, (position, pk)) = row.map_err(io)?;
                     table.insert_before(id.0.as_slice(), pk.as_slice()).map_err(e)?;
@@ -123,18 +122,16 @@ impl BulkLoad for SortedBuild<'_> {
                         }
                     }
                     written += 16 + pk.len() + 8;
-                    if written >= load.limit() {
+                    if written >= limit {
                         more = true;
                         break;
                     }
                 }
                 table.close().map_err(e)?;
-            }
-            if !more {
-                break;
-            }
-            load = load.rotate().map_err(e)?;
-        }
+                Ok(more)
+            },
+            e,
+        )?;
         // Whatever is left retracts ids never recorded; still, a damaged
         // run must fail the build, not pass unnoticed.
         for r in retractions {
@@ -181,35 +178,32 @@ impl BulkLoad for SortedBuild<'_> {
 /// Appends the encoded pairs, in the order received, rotating the
 /// transaction as it fills; gives back the last one, still open.
 fn append_pairs<'db>(
-    mut load: Chunked<'db>,
+    load: Chunked<'db>,
     outputs: Vec<std::sync::mpsc::Receiver<Vec<EncodedPair>>>,
 ) -> Result<Chunked<'db>, ProjectionError> {
     // The encoders' outputs in turn, until the first one that is finished
     // (batches were dealt in turn, so every later one is finished too).
     let mut batches = outputs.iter().cycle().map_while(|o| o.recv().ok());
-    loop {
-        let mut more = false;
-        {
-            let mut table = load.tx().open_table(PAIRS).map_err(e)?;
+    load.fill(
+        |tx, limit| {
+            let mut table = tx.open_table(PAIRS).map_err(e)?;
             let mut pairs = table.upper_bound_mut(Bound::<&[u8]>::Unbounded).map_err(e)?;
-            let mut written = 0;
+            let (mut written, mut more) = (0, false);
             for batch in batches.by_ref() {
                 for (pk, summary, live) in batch {
                     pairs.insert_before(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
                     written += pk.len() + summary.len() + live.len() + 16;
                 }
-                if written >= load.limit() {
+                if written >= limit {
                     more = true;
                     break;
                 }
             }
             pairs.close().map_err(e)?;
-        }
-        if !more {
-            return Ok(load);
-        }
-        load = load.rotate().map_err(e)?;
-    }
+            Ok(more)
+        },
+        e,
+    )
 }
 
 /// A pair's key, encoded summary and encoded live set.
