@@ -302,9 +302,11 @@ fn run<T: Projection>(
         }
     };
     let mut shown = pos;
+    // The gauge first: a reader woken by `visible` may scrape /metrics
+    // next, and must not see an older position than the one it was told.
     let publish = |v: u64| {
-        let _ = visible.send(v);
         metrics::gauge!("stemedb_projection_position", "projection" => name).set(v as f64);
+        let _ = visible.send(v);
     };
     publish(shown);
     let mut reader: Option<WalReader> = None;
