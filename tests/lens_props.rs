@@ -20,7 +20,7 @@ use proptest::sample::Index;
 use stemedb::lens::{self, Definitions, Lens, LiveSet, Resolution, Weighting};
 use stemedb::model::{Assertion, AssertionId, Event, LogRecord, Object, Retraction, Source, Tier};
 use stemedb::projection::Projection;
-use stemedb::projection::kv::{EventKind, KvStore};
+use stemedb::projection::kv::{EventKind, KvStore, ListFilter};
 use stemedb::projection::lenses::LensStore;
 
 const SUBJECT: &str = "drug:aspirin";
@@ -501,17 +501,27 @@ proptest! {
         ops in ops(),
         single_batch in any::<bool>(),
         sizes in prop::collection::vec(1usize..12, 0..12),
+        held in prop::collection::vec(any::<bool>(), 0..12),
     ) {
         let records = build_log(&ops);
         let defs = Definitions::default();
         let dir = tempfile::tempdir().expect("tempdir");
         let store = LensStore::open(&dir.path().join("lenses.redb"), defs.clone()).expect("open lens store");
         let sizes = if single_batch { Vec::new() } else { sizes };
-        for b in batches(&records, &sizes) {
+        // Batches are written behind the reads: hold some of them back so
+        // that reads merge staged batches with written ones at any split.
+        for (i, b) in batches(&records, &sizes).into_iter().enumerate() {
+            store.hold_commits(held.get(i).copied().unwrap_or(false));
             store.apply(b).expect("apply");
         }
         let last = records.last().map(|r| r.position).unwrap_or(0);
         prop_assert_eq!(store.checkpoint().expect("checkpoint"), last);
+        let staged = (store.summary(SUBJECT, PREDICATE).expect("summary"), store.subject(SUBJECT).expect("subject"));
+        store.hold_commits(false);
+        prop_assert_eq!(store.flush().expect("flush"), last);
+        // Once everything is written, the answers are the same.
+        prop_assert_eq!(&staged.0, &store.summary(SUBJECT, PREDICATE).expect("summary"));
+        prop_assert_eq!(&staged.1, &store.subject(SUBJECT).expect("subject"));
 
         let (summary, position) = store.summary(SUBJECT, PREDICATE).expect("summary");
         prop_assert_eq!(position, last);
@@ -586,60 +596,104 @@ proptest! {
         ops in ops(),
         sizes in prop::collection::vec(1usize..12, 0..12),
         probes in prop::collection::vec(-1_000i64..200_000, 1..6),
+        held in prop::collection::vec(any::<bool>(), 0..12),
+        page in 1usize..5,
     ) {
         let records = build_log(&ops);
         let dir = tempfile::tempdir().expect("tempdir");
         let kv = KvStore::open(&dir.path().join("kv.redb")).expect("open kv store");
-        for b in batches(&records, &sizes) {
+        // Held batches stay staged, so reads merge them with written ones.
+        for (i, b) in batches(&records, &sizes).into_iter().enumerate() {
+            kv.hold_commits(held.get(i).copied().unwrap_or(false));
             kv.apply(b).expect("apply");
         }
-        let ns = |t: &DateTime<Utc>| t.timestamp_nanos_opt().expect("in range");
-        for ms in probes.into_iter().map(Some).chain([None]) {
-            let until = ms.map(|ms| t0() + Duration::milliseconds(ms));
-            let (events, _) = kv.history(SUBJECT, PREDICATE, until.as_ref().map(ns)).expect("history");
-            let want: Vec<&LogRecord> = records.iter().filter(|r| until.is_none_or(|t| r.recorded_at <= t)).collect();
-            prop_assert_eq!(events.len(), want.len(), "history until {:?}", until);
-            for (e, r) in events.iter().zip(&want) {
-                prop_assert_eq!(e.position, r.position);
-                prop_assert_eq!(e.recorded_at, r.recorded_at);
-                match &r.event {
-                    Event::AssertionRecorded { id, assertion } => {
-                        prop_assert_eq!(e.kind, EventKind::AssertionRecorded);
-                        prop_assert_eq!(e.assertion.id, *id);
-                        prop_assert_eq!(&e.assertion.assertion, assertion);
-                    }
-                    Event::AssertionRetracted(rt) => {
-                        prop_assert_eq!(e.kind, EventKind::AssertionRetracted);
-                        prop_assert_eq!(e.assertion.id, rt.id);
-                    }
+        check_kv(&kv, &records, &probes, page)?;
+        kv.hold_commits(false);
+        kv.flush().expect("flush");
+        check_kv(&kv, &records, &probes, page)?;
+    }
+}
+
+/// The checks of `kv_history_matches_the_log` on the store as it is now.
+fn check_kv(kv: &KvStore, records: &[LogRecord], probes: &[i64], page: usize) -> Result<(), TestCaseError> {
+    prop_assert_eq!(kv.checkpoint().expect("checkpoint"), records.last().map_or(0, |r| r.position));
+    // Every listing, paged, gives the recorded assertions in log order.
+    let recorded: Vec<(u64, &Assertion)> = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::AssertionRecorded { assertion, .. } => Some((r.position, assertion)),
+            Event::AssertionRetracted(_) => None,
+        })
+        .collect();
+    let filters = [
+        ListFilter { subject: Some(SUBJECT.into()), predicate: Some(PREDICATE.into()), ..ListFilter::default() },
+        ListFilter { subject: Some(SUBJECT.into()), ..ListFilter::default() },
+        ListFilter { predicate: Some(PREDICATE.into()), ..ListFilter::default() },
+        ListFilter { agent: Some("agent-1".into()), ..ListFilter::default() },
+        ListFilter::default(),
+    ];
+    for f in filters {
+        let mut got = Vec::new();
+        let mut f = ListFilter { limit: page, ..f };
+        loop {
+            let (items, next) = kv.list(&f).expect("list");
+            prop_assert!(items.len() <= page);
+            got.extend(items.into_iter().map(|v| v.position));
+            match next {
+                Some(n) => f.after = n,
+                None => break,
+            }
+        }
+        let want: Vec<u64> = recorded.iter().filter(|(_, a)| f.agent.as_ref().is_none_or(|x| *x == a.agent)).map(|(p, _)| *p).collect();
+        prop_assert_eq!(got, want, "list {:?}", f);
+    }
+    let ns = |t: &DateTime<Utc>| t.timestamp_nanos_opt().expect("in range");
+    for ms in probes.iter().copied().map(Some).chain([None]) {
+        let until = ms.map(|ms| t0() + Duration::milliseconds(ms));
+        let (events, _) = kv.history(SUBJECT, PREDICATE, until.as_ref().map(ns)).expect("history");
+        let want: Vec<&LogRecord> = records.iter().filter(|r| until.is_none_or(|t| r.recorded_at <= t)).collect();
+        prop_assert_eq!(events.len(), want.len(), "history until {:?}", until);
+        for (e, r) in events.iter().zip(&want) {
+            prop_assert_eq!(e.position, r.position);
+            prop_assert_eq!(e.recorded_at, r.recorded_at);
+            match &r.event {
+                Event::AssertionRecorded { id, assertion } => {
+                    prop_assert_eq!(e.kind, EventKind::AssertionRecorded);
+                    prop_assert_eq!(e.assertion.id, *id);
+                    prop_assert_eq!(&e.assertion.assertion, assertion);
+                }
+                Event::AssertionRetracted(rt) => {
+                    prop_assert_eq!(e.kind, EventKind::AssertionRetracted);
+                    prop_assert_eq!(e.assertion.id, rt.id);
                 }
             }
-            if let Some(t) = until {
-                let want_pos = want.last().map(|r| r.position).unwrap_or(0);
-                prop_assert_eq!(kv.position_at(ns(&t)).expect("position_at"), want_pos, "position at {}", t);
-            }
         }
-        for r in &records {
-            let Event::AssertionRecorded { id, .. } = &r.event else { continue };
-            let (view, _) = kv.get(id).expect("get");
-            let view = view.expect("known id");
-            let retraction = records.iter().find_map(|x| match &x.event {
-                Event::AssertionRetracted(rt) if rt.id == *id => Some(x.position),
-                _ => None,
-            });
-            let superseded_by: Vec<AssertionId> = records
-                .iter()
-                .filter_map(|x| match &x.event {
-                    Event::AssertionRecorded { id: by, assertion } if assertion.supersedes.contains(id) => Some(*by),
-                    _ => None,
-                })
-                .collect();
-            prop_assert_eq!(view.position, r.position);
-            prop_assert_eq!(view.retracted, retraction.is_some());
-            prop_assert_eq!(view.retraction.as_ref().map(|x| x.position), retraction);
-            prop_assert_eq!(&view.superseded_by, &superseded_by);
+        if let Some(t) = until {
+            let want_pos = want.last().map(|r| r.position).unwrap_or(0);
+            prop_assert_eq!(kv.position_at(ns(&t)).expect("position_at"), want_pos, "position at {}", t);
         }
     }
+    for r in records {
+        let Event::AssertionRecorded { id, .. } = &r.event else { continue };
+        let (view, _) = kv.get(id).expect("get");
+        let view = view.expect("known id");
+        let retraction = records.iter().find_map(|x| match &x.event {
+            Event::AssertionRetracted(rt) if rt.id == *id => Some(x.position),
+            _ => None,
+        });
+        let superseded_by: Vec<AssertionId> = records
+            .iter()
+            .filter_map(|x| match &x.event {
+                Event::AssertionRecorded { id: by, assertion } if assertion.supersedes.contains(id) => Some(*by),
+                _ => None,
+            })
+            .collect();
+        prop_assert_eq!(view.position, r.position);
+        prop_assert_eq!(view.retracted, retraction.is_some());
+        prop_assert_eq!(view.retraction.as_ref().map(|x| x.position), retraction);
+        prop_assert_eq!(&view.superseded_by, &superseded_by);
+    }
+    Ok(())
 }
 
 /// Decay itself, on numbers worked by hand: a community assertion one

@@ -19,6 +19,7 @@ pub mod read_side;
 pub mod rebuild;
 pub mod search;
 pub mod slot;
+pub(crate) mod staged;
 pub mod verify;
 pub mod worker;
 
@@ -43,10 +44,10 @@ pub const STORE_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
 /// How often a live store's commit is made durable (fsynced) unless
 /// `serve` says otherwise (`STEMEDB_PROJECTION_SYNC_INTERVAL`). The commit
-/// that syncs blocks its worker while it writes every page the commits
-/// since the last one copied; at 1 s that stall was 100–250 ms at 2,000
-/// writes/s, and it is what readers waiting for their writes saw as the
-/// p99. Syncing ten times as often makes each stall a tenth as long.
+/// that syncs writes every page the commits since the last one copied; it
+/// runs on the store's committer thread (see [`staged`]), so readers never
+/// wait for it, but shorter intervals keep each one short and bound what a
+/// crash makes the worker re-apply.
 pub const DEFAULT_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How this process's projection stores trade memory and fsyncs for
@@ -227,35 +228,6 @@ pub fn pair_key(subject: &str, predicate: &str) -> Vec<u8> {
 pub fn split_pair_key(k: &[u8]) -> Option<(&str, &str)> {
     let i = k.iter().position(|b| *b == 0)?;
     Some((std::str::from_utf8(&k[..i]).ok()?, std::str::from_utf8(&k[i + 1..]).ok()?))
-}
-
-/// Decides when a projection commit must be durable (fsynced): at most
-/// once per [`StoreTuning::sync_interval`]. Commits in between are atomic
-/// but not synced; a crash rolls the store back to its last durable
-/// checkpoint and the worker re-applies from there.
-#[derive(Debug)]
-pub struct DurableEvery {
-    last: std::sync::Mutex<std::time::Instant>,
-    every: std::time::Duration,
-}
-
-impl Default for DurableEvery {
-    fn default() -> Self {
-        DurableEvery { last: std::sync::Mutex::new(std::time::Instant::now()), every: store_tuning().sync_interval }
-    }
-}
-
-impl DurableEvery {
-    /// Whether this commit should be durable (and if so, restarts the clock).
-    pub fn due(&self) -> bool {
-        let Ok(mut last) = self.last.lock() else { return true };
-        if last.elapsed() >= self.every {
-            *last = std::time::Instant::now();
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// A durable, empty commit: makes every earlier non-durable redb commit

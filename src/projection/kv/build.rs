@@ -14,7 +14,7 @@
 //! ids (which gives the target's position), sorted again by position, and
 //! applied to the few records they touch; a retraction's row in the pair
 //! index needs the target's pair, which its record tells. Rows are those
-//! the incremental path ([`Pending`](super::apply)) writes, so verification
+//! the incremental path ([`apply`](super::apply)) writes, so verification
 //! cannot tell how a store was built.
 
 use std::ops::Bound;

@@ -1,9 +1,9 @@
 //! Reading the KV view: by id, filtered lists in log order, pair history,
 //! and the position-for-time lookup used by `as_of`.
 
-use redb::{ReadTransaction, ReadableDatabase};
 use serde::Serialize;
 
+use super::snapshot::Snapshot;
 use super::*;
 use crate::projection::pair_key;
 
@@ -83,44 +83,21 @@ pub struct HistoryEvent {
 }
 
 impl KvStore {
-    fn read(&self) -> Result<ReadTransaction, ProjectionError> {
-        self.db.begin_read().map_err(kerr)
-    }
-
-    /// The applied position as seen by a read transaction.
-    fn checkpoint_in(tx: &ReadTransaction) -> Result<u64, ProjectionError> {
-        let meta = tx.open_table(META).map_err(kerr)?;
-        Ok(meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()).unwrap_or(0))
-    }
-
-    fn at(t: &redb::ReadOnlyTable<u64, &[u8]>, position: u64) -> Result<Option<StoredAssertion>, ProjectionError> {
-        match t.get(position).map_err(kerr)? {
-            Some(v) => Ok(Some(rmp_serde::from_slice(v.value()).map_err(kerr)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn by_id(tx: &ReadTransaction, id: &AssertionId) -> Result<Option<StoredAssertion>, ProjectionError> {
-        let ids = tx.open_table(IDS).map_err(kerr)?;
-        let Some(p) = ids.get(id.0.as_slice()).map_err(kerr)?.map(|v| v.value()) else { return Ok(None) };
-        Self::at(&tx.open_table(RECORDS).map_err(kerr)?, p)
-    }
-
     /// The raw stored state of `id`.
     pub fn get_stored(&self, id: &AssertionId) -> Result<Option<StoredAssertion>, ProjectionError> {
-        Self::by_id(&self.read()?, id)
+        Snapshot::take(self)?.by_id(id)
     }
 
     /// One assertion with its state, and the position the answer reflects.
     pub fn get(&self, id: &AssertionId) -> Result<(Option<StoredView>, u64), ProjectionError> {
-        let tx = self.read()?;
-        Ok((Self::by_id(&tx, id)?.map(|s| StoredView::new(*id, s)), Self::checkpoint_in(&tx)?))
+        let snap = Snapshot::take(self)?;
+        Ok((snap.by_id(id)?.map(|s| StoredView::new(*id, s)), snap.position()))
     }
 
     /// Assertions matching `f` in log order, and the cursor for the next page.
     pub fn list(&self, f: &ListFilter) -> Result<(Vec<StoredView>, Option<u64>), ProjectionError> {
-        let tx = self.read()?;
-        let records = tx.open_table(RECORDS).map_err(kerr)?;
+        let snap = Snapshot::take(self)?;
+        let tx = &snap.tx;
         let mut items = Vec::new();
         let mut next = None;
         // Pick the most selective index; other filters are checked per item.
@@ -136,7 +113,7 @@ impl KvStore {
                 next = Some(items.last().map(|v: &StoredView| v.position).unwrap_or(position));
                 return Ok(false);
             }
-            if let Some(s) = Self::at(&records, position)? {
+            if let Some(s) = snap.state(position)? {
                 let a = &s.assertion;
                 let ok = f.subject.as_ref().is_none_or(|x| *x == a.subject)
                     && f.predicate.as_ref().is_none_or(|x| *x == a.predicate)
@@ -147,17 +124,19 @@ impl KvStore {
             }
             Ok(true)
         };
-        if let (Some(s), Some(p)) = (&f.subject, &f.predicate) {
-            let pk = pair_key(s, p);
+        let pair = f.subject.as_ref().zip(f.predicate.as_ref()).map(|(s, p)| pair_key(s, p));
+        let mut more = true;
+        if let Some(pk) = &pair {
             let t = tx.open_table(BY_PAIR).map_err(kerr)?;
-            let start = index_key(&pk, f.after.saturating_add(1));
-            let end = index_key(&pk, u64::MAX);
+            let start = index_key(pk, f.after.saturating_add(1));
+            let end = index_key(pk, u64::MAX);
             for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
                 let (k, v) = row.map_err(kerr)?;
                 if v.value().0 != KIND_ASSERTED {
                     continue;
                 }
                 if !consider(position_of(k.value()))? {
+                    more = false;
                     break;
                 }
             }
@@ -168,6 +147,7 @@ impl KvStore {
             for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
                 let (k, _) = row.map_err(kerr)?;
                 if !consider(position_of(k.value()))? {
+                    more = false;
                     break;
                 }
             }
@@ -179,7 +159,33 @@ impl KvStore {
                     continue;
                 }
                 if !consider(k.value())? {
+                    more = false;
                     break;
+                }
+            }
+        }
+        // Staged positions all follow the committed ones: continue with them.
+        if more {
+            'staged: for c in snap.staged() {
+                let positions: Vec<u64> = match (&pair, &f.subject, &f.predicate, &f.agent) {
+                    (Some(pk), ..) => {
+                        c.pair_rows.iter().filter(|(k, v)| v.0 == KIND_ASSERTED && in_prefix(k, pk)).map(|(k, _)| position_of(k)).collect()
+                    }
+                    (None, Some(s), None, _) => {
+                        c.subject_rows.iter().filter(|k| in_prefix(k, s.as_bytes())).map(|k| position_of(k)).collect()
+                    }
+                    (None, None, _, Some(a)) => {
+                        c.agent_rows.iter().filter(|k| in_prefix(k, a.as_bytes())).map(|k| position_of(k)).collect()
+                    }
+                    (None, None, Some(p), None) => {
+                        c.predicate_rows.iter().filter(|k| in_prefix(k, p.as_bytes())).map(|k| position_of(k)).collect()
+                    }
+                    _ => c.log_rows.iter().filter(|r| r.2 == KIND_ASSERTED).map(|r| r.0).collect(),
+                };
+                for p in positions.into_iter().filter(|p| *p > f.after) {
+                    if !consider(p)? {
+                        break 'staged;
+                    }
                 }
             }
         }
@@ -189,18 +195,14 @@ impl KvStore {
     /// Every event about one pair, in log order, optionally only those
     /// recorded at or before `until_ns`, and the position the answer reflects.
     pub fn history(&self, subject: &str, predicate: &str, until_ns: Option<i64>) -> Result<(Vec<HistoryEvent>, u64), ProjectionError> {
-        let tx = self.read()?;
-        let records = tx.open_table(RECORDS).map_err(kerr)?;
-        let by_pair = tx.open_table(BY_PAIR).map_err(kerr)?;
+        let snap = Snapshot::take(self)?;
+        let by_pair = snap.tx.open_table(BY_PAIR).map_err(kerr)?;
         let pk = pair_key(subject, predicate);
         let start = index_key(&pk, 0);
         let end = index_key(&pk, u64::MAX);
         let mut out = Vec::new();
-        for row in by_pair.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
-            let (k, v) = row.map_err(kerr)?;
-            let position = position_of(k.value());
-            let (kind, target) = v.value();
-            let Some(s) = Self::at(&records, target)? else { continue };
+        let mut add = |position: u64, kind: u8, target: u64| -> Result<bool, ProjectionError> {
+            let Some(s) = snap.state(target)? else { return Ok(true) };
             let id = s.assertion.id();
             let recorded_at = if kind == KIND_ASSERTED {
                 s.recorded_at
@@ -212,7 +214,7 @@ impl KvStore {
                 }
             };
             if until_ns.is_some_and(|u| ns(&recorded_at) > u) {
-                break; // recorded_at grows with position
+                return Ok(false); // recorded_at grows with position
             }
             out.push(HistoryEvent {
                 position,
@@ -220,17 +222,40 @@ impl KvStore {
                 recorded_at,
                 assertion: StoredView::new(id, s),
             });
+            Ok(true)
+        };
+        let mut more = true;
+        for row in by_pair.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
+            let (k, v) = row.map_err(kerr)?;
+            let (kind, target) = v.value();
+            if !add(position_of(k.value()), kind, target)? {
+                more = false;
+                break;
+            }
         }
-        Ok((out, Self::checkpoint_in(&tx)?))
+        if more {
+            'staged: for c in snap.staged() {
+                for (k, (kind, target)) in c.pair_rows.iter().filter(|(k, _)| in_prefix(k, &pk)) {
+                    if !add(position_of(k), *kind, *target)? {
+                        break 'staged;
+                    }
+                }
+            }
+        }
+        Ok((out, snap.position()))
     }
 
     /// The last position recorded at or before `t_ns` (0 if none), among
     /// the applied ones. Binary search: `recorded_at` never decreases with
     /// position.
     pub fn position_at(&self, t_ns: i64) -> Result<u64, ProjectionError> {
-        let tx = self.read()?;
-        let log = tx.open_table(LOG).map_err(kerr)?;
-        let (mut lo, mut hi) = (0u64, Self::checkpoint_in(&tx)?);
+        let snap = Snapshot::take(self)?;
+        let staged = snap.staged().iter().flat_map(|c| &c.log_rows).take_while(|r| r.3 <= t_ns).last();
+        if let Some(r) = staged {
+            return Ok(r.0);
+        }
+        let log = snap.tx.open_table(LOG).map_err(kerr)?;
+        let (mut lo, mut hi) = (0u64, snap.committed);
         while lo < hi {
             let mid = lo + (hi - lo).div_ceil(2);
             let at = log.get(mid).map_err(kerr)?.map(|v| v.value().2).unwrap_or(i64::MAX);
@@ -242,6 +267,11 @@ impl KvStore {
         }
         Ok(lo)
     }
+}
+
+/// Whether index key `key` is `prefix ‖ 0 ‖ position`.
+fn in_prefix(key: &[u8], prefix: &[u8]) -> bool {
+    key.len() == prefix.len() + 9 && key.starts_with(prefix) && key[prefix.len()] == 0
 }
 
 fn position_of(key: &[u8]) -> u64 {

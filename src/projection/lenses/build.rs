@@ -1,6 +1,6 @@
 //! Building a fresh lenses store from the log by sorting, not by updating.
 //!
-//! The incremental path ([`Pending`](super::Pending)) loads a pair's live
+//! The incremental path ([`apply`](super::apply)) loads a pair's live
 //! set, applies a batch and writes it back; over a whole log that rewrites
 //! a popular pair once per batch and, because pairs are spread uniformly
 //! over the key space, nearly every leaf of the tree once per transaction.

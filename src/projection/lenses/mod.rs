@@ -6,16 +6,18 @@
 //! live set, recomputes the pair's summary once (in log order, so results
 //! are reproducible bit for bit), and writes both back with the checkpoint.
 
+mod apply;
 mod build;
 mod packed;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{BulkLoad, DurableEvery, Projection, ProjectionError, pair_key, split_pair_key};
+use super::{BulkLoad, Projection, ProjectionError, pair_key, split_pair_key};
 use crate::lens::resolve::Weighting;
 use crate::lens::{self, Claim, Conflict, Definitions, Lens, LiveSet, Resolution, Winner};
 use crate::model::{AssertionId, Event, LogRecord, Tier};
@@ -114,13 +116,15 @@ impl SummaryHead {
 
 /// The lenses store.
 pub struct LensStore {
-    db: Database,
+    db: Arc<Database>,
     /// The store's file, beside which a bulk load spills its sort runs.
     path: PathBuf,
     /// Memory a bulk load may hold before it spills a sorted run.
     sort_budget: usize,
     defs: Definitions,
-    durability: DurableEvery,
+    /// Batches applied but not yet written, which readers see; written by
+    /// its committer thread (see [`staged`](super::staged)).
+    staged: super::staged::Staged<apply::Chunk>,
 }
 
 fn e<E: std::fmt::Display>(x: E) -> ProjectionError {
@@ -146,7 +150,15 @@ impl LensStore {
             }
         }
         tx.commit().map_err(e)?;
-        Ok(LensStore { db, path: path.to_path_buf(), sort_budget: super::bulk_buffer_bytes(), defs, durability: DurableEvery::default() })
+        let db = Arc::new(db);
+        let (w, f) = (db.clone(), db.clone());
+        let staged = super::staged::Staged::start(
+            NAME,
+            super::store_tuning().sync_interval,
+            Box::new(move |chunks, durability| apply::write_chunks(&w, chunks, durability)),
+            Box::new(move || super::flush_redb(&f, e)),
+        )?;
+        Ok(LensStore { db, path: path.to_path_buf(), sort_budget: super::bulk_buffer_bytes(), defs, staged })
     }
 
     /// Sets the memory a bulk load of this store may hold before it
@@ -157,6 +169,15 @@ impl LensStore {
     pub fn with_sort_budget(mut self, bytes: usize) -> Self {
         self.sort_budget = bytes.max(1);
         self
+    }
+
+    /// Pauses (true) or resumes (false) writing staged batches to the
+    /// store file, after the write in progress. Readers keep seeing every
+    /// applied batch either way: tests use it to check reads that merge
+    /// staged batches with the store, and an operator never needs it.
+    #[doc(hidden)]
+    pub fn hold_commits(&self, held: bool) {
+        self.staged.hold(held);
     }
 
     /// The hash of the definitions this store's answers were computed with.
@@ -174,53 +195,48 @@ impl LensStore {
     /// The materialized summary of a pair (empty if unknown), and the
     /// position it reflects.
     pub fn summary(&self, subject: &str, predicate: &str) -> Result<(Summary, u64), ProjectionError> {
-        let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(PAIRS).map_err(e)?;
-        let s = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
-            Some(v) => packed::decode(v.value().0, true).map_err(e)?,
-            None => Summary::empty(),
-        };
-        Ok((s, checkpoint_in(&tx)?))
+        let snap = apply::Snapshot::take(self)?;
+        let s = snap.with_row(&pair_key(subject, predicate), |row| match row {
+            Some((summary, _)) => packed::decode(summary, true).map_err(e),
+            None => Ok(Summary::empty()),
+        })??;
+        Ok((s, snap.position()))
     }
 
     /// The answer of `lens` for a pair, and the position it reflects: the
     /// hot path of lens reads, which decodes only what `lens` shows.
     pub fn resolution(&self, subject: &str, predicate: &str, lens: Lens) -> Result<(Resolution, u64), ProjectionError> {
-        let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(PAIRS).map_err(e)?;
-        let summary = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
-            Some(v) => packed::decode(v.value().0, lens == Lens::Layered).map_err(e)?,
-            None => Summary::empty(),
-        };
-        Ok((summary.into_resolution(lens), checkpoint_in(&tx)?))
+        let snap = apply::Snapshot::take(self)?;
+        let summary = snap.with_row(&pair_key(subject, predicate), |row| match row {
+            Some((summary, _)) => packed::decode(summary, lens == Lens::Layered).map_err(e),
+            None => Ok(Summary::empty()),
+        })??;
+        Ok((summary.into_resolution(lens), snap.position()))
     }
 
     /// The live set of a pair (for `decay` queries), and its position.
     pub fn live_set(&self, subject: &str, predicate: &str) -> Result<(LiveSet, u64), ProjectionError> {
-        let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(PAIRS).map_err(e)?;
-        let s = match t.get(pair_key(subject, predicate).as_slice()).map_err(e)? {
-            Some(v) => rmp_serde::from_slice(v.value().1).map_err(e)?,
-            None => LiveSet::default(),
-        };
-        Ok((s, checkpoint_in(&tx)?))
+        let snap = apply::Snapshot::take(self)?;
+        let set = snap.with_row(&pair_key(subject, predicate), |row| match row {
+            Some((_, live)) => rmp_serde::from_slice(live).map_err(e),
+            None => Ok(LiveSet::default()),
+        })??;
+        Ok((set, snap.position()))
     }
 
     /// Every predicate of `subject` with its summary, and the position.
     pub fn subject(&self, subject: &str) -> Result<(Vec<(String, Summary)>, u64), ProjectionError> {
-        let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(PAIRS).map_err(e)?;
+        let snap = apply::Snapshot::take(self)?;
         let mut start = subject.as_bytes().to_vec();
         start.push(0);
         let mut end = subject.as_bytes().to_vec();
         end.push(1);
         let mut out = Vec::new();
-        for row in t.range(start.as_slice()..end.as_slice()).map_err(e)? {
-            let (k, v) = row.map_err(e)?;
-            let Some((_, p)) = split_pair_key(k.value()) else { continue };
-            out.push((p.to_string(), packed::decode(v.value().0, true).map_err(e)?));
+        for (k, summary) in snap.summaries_in(&start, &end)? {
+            let Some((_, p)) = split_pair_key(&k) else { continue };
+            out.push((p.to_string(), packed::decode(&summary, true).map_err(e)?));
         }
-        Ok((out, checkpoint_in(&tx)?))
+        Ok((out, snap.position()))
     }
 }
 
@@ -242,123 +258,24 @@ fn checkpoint_in(tx: &redb::ReadTransaction) -> Result<u64, ProjectionError> {
     Ok(meta.get("checkpoint").map_err(e)?.map(|v| v.value()).unwrap_or(0))
 }
 
-/// Events applied in memory, not yet written: every touched pair's live
-/// set and the ids recorded. `apply` fills and writes one per batch, so a
-/// pair touched several times in a batch is decoded, summarized and
-/// written once. (A fresh store is bulk-loaded by [`build`] instead.)
-#[derive(Default)]
-struct Pending {
-    /// Position of the first event applied (checked against the checkpoint).
-    first: Option<u64>,
-    /// Position of the last event applied.
-    last: u64,
-    /// Live sets of the pairs touched, loaded from the last commit first.
-    touched: HashMap<Vec<u8>, LiveSet>,
-    /// id → pair key of the assertions recorded.
-    owners: HashMap<AssertionId, Vec<u8>>,
-}
-
-impl Pending {
-    /// Applies `records` in memory; earlier state is read from `db`'s last commit.
-    fn push(&mut self, db: &Database, records: &[LogRecord]) -> Result<(), ProjectionError> {
-        let Some(first) = records.first().map(|r| r.position) else { return Ok(()) };
-        super::check_continues(&mut self.first, self.last, first).map_err(e)?;
-        let tx = db.begin_read().map_err(e)?;
-        let pairs = tx.open_table(PAIRS).map_err(e)?;
-        let owners = tx.open_table(OWNERS).map_err(e)?;
-        for r in records {
-            self.last = r.position;
-            let (pk, id) = match &r.event {
-                Event::AssertionRecorded { id, assertion } => (pair_key(&assertion.subject, &assertion.predicate), *id),
-                Event::AssertionRetracted(rt) => match self.owners.get(&rt.id) {
-                    Some(pk) => (pk.clone(), rt.id),
-                    None => match owners.get(rt.id.0.as_slice()).map_err(e)? {
-                        Some(v) => (v.value().to_vec(), rt.id),
-                        None => continue,
-                    },
-                },
-            };
-            let set = match self.touched.entry(pk) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let set = match pairs.get(v.key().as_slice()).map_err(e)? {
-                        Some(row) => rmp_serde::from_slice(row.value().1).map_err(e)?,
-                        None => LiveSet::default(),
-                    };
-                    v.insert(set)
-                }
-            };
-            match &r.event {
-                Event::AssertionRecorded { assertion, .. } => {
-                    set.record(id, r.position, r.recorded_at, assertion);
-                    let pk = pair_key(&assertion.subject, &assertion.predicate);
-                    self.owners.insert(id, pk);
-                }
-                Event::AssertionRetracted(_) => {
-                    set.retract(&id);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the touched pairs (live set and summary) and the new owners
-    /// in key order with the checkpoint, in one transaction, and empties
-    /// `self`; returns the checkpoint.
-    fn write(&mut self, db: &Database, defs: &Definitions, durability: Durability) -> Result<u64, ProjectionError> {
-        let Some(first) = self.first else { return Err(e("nothing to write")) };
-        let last = self.last;
-        let mut tx = db.begin_write().map_err(e)?;
-        tx.set_durability(durability).map_err(e)?;
-        {
-            let mut meta = tx.open_table(META).map_err(e)?;
-            if let Some(cp) = meta.get("checkpoint").map_err(e)?.map(|v| v.value())
-                && first != cp + 1
-            {
-                return Err(e(format!("batch starts at {first} but the checkpoint is {cp}")));
-            }
-            {
-                let mut owners = tx.open_table(OWNERS).map_err(e)?;
-                let mut rows: Vec<(&AssertionId, &Vec<u8>)> = self.owners.iter().collect();
-                rows.sort_unstable();
-                for (id, pk) in rows {
-                    owners.insert(id.0.as_slice(), pk.as_slice()).map_err(e)?;
-                }
-            }
-            let mut pairs = tx.open_table(PAIRS).map_err(e)?;
-            let mut keys: Vec<&Vec<u8>> = self.touched.keys().collect();
-            keys.sort_unstable();
-            let (mut summary, mut live) = (Vec::new(), Vec::new());
-            for pk in keys {
-                let set = &self.touched[pk];
-                encode_pair(set, defs, &mut summary, &mut live)?;
-                pairs.insert(pk.as_slice(), (summary.as_slice(), live.as_slice())).map_err(e)?;
-            }
-            meta.insert("checkpoint", last).map_err(e)?;
-        }
-        tx.commit().map_err(e)?;
-        *self = Pending::default();
-        Ok(last)
-    }
-}
-
 impl Projection for LensStore {
     fn name(&self) -> &'static str {
         NAME
     }
 
+    /// The last position applied, staged or written.
     fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        let tx = self.db.begin_read().map_err(e)?;
-        checkpoint_in(&tx)
+        Ok(apply::Snapshot::take(self)?.position())
     }
 
     fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError> {
         if records.is_empty() {
             return self.checkpoint();
         }
-        let mut pending = Pending::default();
-        pending.push(&self.db, records)?;
-        pending.write(&self.db, &self.defs, if self.durability.due() { Durability::Immediate } else { Durability::None })
+        let chunk = apply::Chunk::apply(&apply::Snapshot::take(self)?, &self.defs, records)?;
+        let last = records.last().map_or(0, |r| r.position);
+        self.staged.push(NAME, chunk)?;
+        Ok(last)
     }
 
     fn bulk_load(&self) -> Result<Option<Box<dyn BulkLoad + '_>>, ProjectionError> {
@@ -370,12 +287,14 @@ impl Projection for LensStore {
     }
 
     fn flush(&self) -> Result<u64, ProjectionError> {
+        self.staged.drain(NAME)?;
         super::flush_redb(&self.db, e)?;
         self.checkpoint()
     }
 
     fn visit_rows(&self, visit: &mut super::RowVisitor<'_>) -> Result<u64, ProjectionError> {
         use super::visit_table;
+        self.staged.drain(NAME)?;
         let tx = self.db.begin_read().map_err(e)?;
         let _ = visit_table(&tx, PAIRS, 0, visit).map_err(e)?
             && visit_table(&tx, OWNERS, 1, visit).map_err(e)?
