@@ -1,7 +1,8 @@
 //! `stemedb bench lag`: write → visible latency under a steady write rate.
 //!
-//! Writers post single assertions at a fixed total rate. For every write
-//! the tool then reads the assertion back with `min_position` set to the
+//! Writers post single assertions (or batches of `--batch`) at a fixed
+//! total rate of assertions. For every write the tool then reads the
+//! assertion back (the last of a batch) with `min_position` set to the
 //! acknowledged position; the time from sending the write to receiving
 //! that read is the write → visible latency a client experiences.
 //!
@@ -29,9 +30,14 @@ pub struct LagArgs {
     /// [default: --url].
     #[arg(long)]
     pub read_url: Option<String>,
-    /// Total writes per second.
+    /// Total assertions written per second.
     #[arg(long, default_value_t = 10_000)]
     pub rate: u64,
+    /// Assertions per request: 1 posts to `/v1/assertions`, more to
+    /// `/v1/assertions/batch` (how a busy agent writes several claims at
+    /// once; the HTTP and fsync costs are shared by the batch).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch: u64,
     /// Concurrent writers sharing the rate.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
@@ -55,7 +61,8 @@ struct Written {
 /// Runs the benchmark.
 pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
     let nonce = u64::try_from(chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)).unwrap_or(0);
-    let per_writer = Duration::from_secs_f64(args.connections as f64 / args.rate.max(1) as f64);
+    let batch = args.batch.max(1) as usize;
+    let per_writer = Duration::from_secs_f64(args.connections as f64 * batch as f64 / args.rate.max(1) as f64);
     let deadline = Instant::now() + args.duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -100,9 +107,14 @@ pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 tick.tick().await;
-                let body = serde_json::to_vec(&gen_.next_assertion())?;
+                let (path, body) = if batch == 1 {
+                    ("/v1/assertions", serde_json::to_vec(&gen_.next_assertion())?)
+                } else {
+                    let items: Vec<_> = (0..batch).map(|_| gen_.next_assertion()).collect();
+                    ("/v1/assertions/batch", serde_json::to_vec(&serde_json::json!({"assertions": items}))?)
+                };
                 let sent = Instant::now();
-                let written = match writer.post_json("/v1/assertions", body).await {
+                let written = match writer.post_json(path, body).await {
                     Ok((status, bytes)) if status.is_success() => serde_json::from_slice::<serde_json::Value>(&bytes).ok(),
                     Ok(_) => None,
                     Err(_) => {
@@ -115,6 +127,8 @@ pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
                     continue;
                 };
                 let _ = acked.record((sent.elapsed().as_micros() as u64).max(1));
+                // A batch answers {"results": [{"id", "position", ...}]}: read back its last item.
+                let v = if batch == 1 { &v } else { v["results"].as_array().and_then(|r| r.last()).unwrap_or(&serde_json::Value::Null) };
                 let (Some(id), Some(position)) = (v["id"].as_str(), v["position"].as_u64()) else {
                     errors += 1;
                     continue;
@@ -141,7 +155,7 @@ pub async fn run(args: LagArgs) -> anyhow::Result<i32> {
         acked.add(&a)?;
     }
     let secs = started.elapsed().as_secs_f64();
-    report::print(&format!("lag ack rate={}/s", args.rate), writes, writes, errors, secs, &acked);
+    report::print(&format!("lag ack rate={}/s batch={batch}", args.rate), writes, writes * batch as u64, errors, secs, &acked);
     report::print(
         &format!("lag write->visible rate={}/s read_every={}", args.rate, args.read_every.max(1)),
         reads,

@@ -37,6 +37,15 @@ use super::ProjectionError;
 /// (catch-up, a slow disk) while leaving room for a full batch in flight.
 pub const MAX_STAGED_EVENTS: usize = 65_536;
 
+/// Longest a staged chunk waits for the committer (or the sync interval,
+/// if shorter): readers see it meanwhile, so this bounds only how many
+/// chunks they merge and how much a crash makes the worker re-apply.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Staged events that make the committer write at once instead of waiting
+/// for the commit interval (a worker catching up applies far more).
+pub const COMMIT_EVENTS: usize = 8_192;
+
 /// One applied batch, as a store stages it.
 pub trait Chunk: Send + Sync + 'static {
     /// Position of its first event.
@@ -75,6 +84,10 @@ struct State<C> {
     error: Option<String>,
     /// Whether a commit since the last durable one was not durable.
     unsynced: bool,
+    /// When the oldest staged chunk was staged (about: reset after each commit).
+    since: Option<Instant>,
+    /// Callers of [`Staged::drain`] waiting: commit without waiting.
+    draining: usize,
     /// Commits paused (tests: to look at a store with chunks staged).
     held: bool,
     stop: bool,
@@ -86,7 +99,16 @@ impl<C: Chunk> Staged<C> {
     /// `sync_every` (and once the store has been idle that long).
     pub fn start(name: &'static str, sync_every: Duration, write: WriteChunks<C>, sync: SyncStore) -> Result<Staged<C>, ProjectionError> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { chunks: Arc::new(Vec::new()), events: 0, error: None, unsynced: false, held: false, stop: false }),
+            state: Mutex::new(State {
+                chunks: Arc::new(Vec::new()),
+                events: 0,
+                error: None,
+                unsynced: false,
+                since: None,
+                draining: 0,
+                held: false,
+                stop: false,
+            }),
             changed: Condvar::new(),
         });
         let s = shared.clone();
@@ -130,6 +152,7 @@ impl<C: Chunk> Staged<C> {
         let mut chunks = Vec::with_capacity(s.chunks.len() + 1);
         chunks.extend(s.chunks.iter().cloned());
         s.events += chunk.events();
+        s.since.get_or_insert_with(Instant::now);
         chunks.push(Arc::new(chunk));
         s.chunks = Arc::new(chunks);
         self.shared.changed.notify_all();
@@ -140,13 +163,18 @@ impl<C: Chunk> Staged<C> {
     /// committer's error if a write fails meanwhile.
     pub fn drain(&self, name: &'static str) -> Result<(), ProjectionError> {
         let mut s = self.lock();
+        s.draining += 1;
+        self.shared.changed.notify_all();
+        let mut result = Ok(());
         while !s.chunks.is_empty() {
             if let Some(err) = &s.error {
-                return Err(ProjectionError { projection: name, message: format!("the store cannot write: {err}") });
+                result = Err(ProjectionError { projection: name, message: format!("the store cannot write: {err}") });
+                break;
             }
             s = self.shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
-        Ok(())
+        s.draining -= 1;
+        result
     }
 
     /// Pauses (true) or resumes (false) the committer after its current
@@ -172,6 +200,7 @@ impl<C: Chunk> Drop for Staged<C> {
 fn commit_loop<C: Chunk>(name: &'static str, shared: &Shared<C>, sync_every: Duration, mut write: WriteChunks<C>, mut sync: SyncStore) {
     let lock = || shared.state.lock().unwrap_or_else(|p| p.into_inner());
     let mut last_durable = Instant::now();
+    let commit_every = sync_every.min(COMMIT_INTERVAL);
     loop {
         // Wait for chunks; when none come for a sync interval after a
         // non-durable commit, make it durable so that an idle store does
@@ -183,14 +212,23 @@ fn commit_loop<C: Chunk>(name: &'static str, shared: &Shared<C>, sync_every: Dur
                 if s.stop {
                     return;
                 }
-                if !s.chunks.is_empty() && !s.held {
+                // Commits are batched: each copies every B-tree page it
+                // touches, so one commit per applied batch (a millisecond
+                // apart under a steady load) cost the committer about 130 µs
+                // of CPU per event; readers see staged chunks meanwhile.
+                let due = s.since.map(|t| t.elapsed() >= commit_every);
+                if !s.chunks.is_empty() && !s.held && (s.events >= COMMIT_EVENTS || s.draining > 0 || due == Some(true)) {
                     break Some(s.chunks.clone());
                 }
                 if s.unsynced && !s.held && last_durable.elapsed() >= sync_every {
                     idle_sync = true;
                     break None;
                 }
-                let timeout = if s.unsynced { sync_every.saturating_sub(last_durable.elapsed()) } else { Duration::from_secs(3600) };
+                let timeout = match s.since {
+                    Some(t) if !s.held => commit_every.saturating_sub(t.elapsed()),
+                    _ if s.unsynced => sync_every.saturating_sub(last_durable.elapsed()),
+                    _ => Duration::from_secs(3600),
+                };
                 s = shared.changed.wait_timeout(s, timeout.max(Duration::from_millis(1))).unwrap_or_else(|p| p.into_inner()).0;
             }
         };
@@ -214,6 +252,7 @@ fn commit_loop<C: Chunk>(name: &'static str, shared: &Shared<C>, sync_every: Dur
                     // meanwhile stay, in order.
                     let rest: Vec<Arc<C>> = s.chunks[done.len()..].to_vec();
                     s.events = rest.iter().map(|c| c.events()).sum();
+                    s.since = (!rest.is_empty()).then(Instant::now);
                     s.chunks = Arc::new(rest);
                     metrics::gauge!("stemedb_projection_staged_events", "projection" => name).set(s.events as f64);
                 }

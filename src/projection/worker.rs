@@ -28,7 +28,7 @@ pub const DEFAULT_BATCH: usize = 50_000;
 /// commit would spend most of the CPU committing tiny transactions; waiting
 /// this long lets events accumulate, at the price of this much extra
 /// visibility lag. Full batches (catch-up) are never delayed.
-pub const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
+pub const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(1);
 
 /// A running worker.
 pub struct Worker {
