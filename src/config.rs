@@ -92,10 +92,12 @@ pub struct ServeArgs {
     #[arg(long, env = "STEMEDB_STORE_CACHE_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub store_cache_mb: u64,
     /// Longest time between two durable (fsynced) commits of a projection
-    /// store. Shorter means shorter stalls of the workers, so writes
-    /// become visible sooner at the tail, for more fsyncs; a crash costs
-    /// at most this much re-applied log, never a lost or doubled event.
-    #[arg(long, env = "STEMEDB_PROJECTION_SYNC_INTERVAL", default_value = "100ms", value_parser = parse_interval)]
+    /// store. Readers never wait for these commits (new events are served
+    /// from memory until written), but their fsyncs share the disk with the
+    /// WAL's, which every acknowledgement waits for: fewer is better. A
+    /// crash costs at most this much re-applied log, never a lost or
+    /// doubled event.
+    #[arg(long, env = "STEMEDB_PROJECTION_SYNC_INTERVAL", default_value = "1s", value_parser = parse_interval)]
     pub projection_sync_interval: std::time::Duration,
     /// Searches that run at once; more wait their turn in arrival order.
     /// A search is CPU-bound, so running more than the cores can serve
