@@ -501,18 +501,22 @@ proptest! {
         ops in ops(),
         single_batch in any::<bool>(),
         sizes in prop::collection::vec(1usize..12, 0..12),
-        held in prop::collection::vec(any::<bool>(), 0..12),
+        flushed in prop::collection::vec(any::<bool>(), 0..12),
     ) {
         let records = build_log(&ops);
         let defs = Definitions::default();
         let dir = tempfile::tempdir().expect("tempdir");
         let store = LensStore::open(&dir.path().join("lenses.redb"), defs.clone()).expect("open lens store");
         let sizes = if single_batch { Vec::new() } else { sizes };
-        // Batches are written behind the reads: hold some of them back so
-        // that reads merge staged batches with written ones at any split.
+        // Batches are written behind the reads. Hold the timed commits and
+        // flush after random batches, so that reads merge a written prefix
+        // with staged batches at every split.
+        store.hold_commits(true);
         for (i, b) in batches(&records, &sizes).into_iter().enumerate() {
-            store.hold_commits(held.get(i).copied().unwrap_or(false));
             store.apply(b).expect("apply");
+            if flushed.get(i).copied().unwrap_or(false) {
+                store.flush().expect("flush");
+            }
         }
         let last = records.last().map(|r| r.position).unwrap_or(0);
         prop_assert_eq!(store.checkpoint().expect("checkpoint"), last);
@@ -596,16 +600,20 @@ proptest! {
         ops in ops(),
         sizes in prop::collection::vec(1usize..12, 0..12),
         probes in prop::collection::vec(-1_000i64..200_000, 1..6),
-        held in prop::collection::vec(any::<bool>(), 0..12),
+        flushed in prop::collection::vec(any::<bool>(), 0..12),
         page in 1usize..5,
     ) {
         let records = build_log(&ops);
         let dir = tempfile::tempdir().expect("tempdir");
         let kv = KvStore::open(&dir.path().join("kv.redb")).expect("open kv store");
-        // Held batches stay staged, so reads merge them with written ones.
+        // Timed commits held, flushes after random batches: reads merge a
+        // written prefix with staged batches at every split.
+        kv.hold_commits(true);
         for (i, b) in batches(&records, &sizes).into_iter().enumerate() {
-            kv.hold_commits(held.get(i).copied().unwrap_or(false));
             kv.apply(b).expect("apply");
+            if flushed.get(i).copied().unwrap_or(false) {
+                kv.flush().expect("flush");
+            }
         }
         check_kv(&kv, &records, &probes, page)?;
         kv.hold_commits(false);

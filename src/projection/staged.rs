@@ -82,13 +82,19 @@ struct State<C> {
     events: usize,
     /// The last write failed with this (cleared by the next success).
     error: Option<String>,
+    /// Failed writes so far: a waiter fails only on a failure that
+    /// happened while it waited, not on an older one being retried.
+    failures: u64,
+    /// The committer thread is gone (it panicked): nothing will be written.
+    dead: bool,
     /// Whether a commit since the last durable one was not durable.
     unsynced: bool,
     /// When the oldest staged chunk was staged (about: reset after each commit).
     since: Option<Instant>,
     /// Callers of [`Staged::drain`] waiting: commit without waiting.
     draining: usize,
-    /// Commits paused (tests: to look at a store with chunks staged).
+    /// Commits that are merely due wait (tests: to look at a store with
+    /// chunks staged); drains and a full stage still commit.
     held: bool,
     stop: bool,
 }
@@ -103,6 +109,8 @@ impl<C: Chunk> Staged<C> {
                 chunks: Arc::new(Vec::new()),
                 events: 0,
                 error: None,
+                failures: 0,
+                dead: false,
                 unsynced: false,
                 since: None,
                 draining: 0,
@@ -135,9 +143,10 @@ impl<C: Chunk> Staged<C> {
     /// nothing, so the caller can retry the same events later.
     pub fn push(&self, name: &'static str, chunk: C) -> Result<(), ProjectionError> {
         let mut s = self.lock();
+        let seen = s.failures;
         while s.events >= MAX_STAGED_EVENTS {
-            if let Some(err) = &s.error {
-                return Err(ProjectionError { projection: name, message: format!("the store cannot write: {err}") });
+            if s.dead || s.failures > seen {
+                return Err(cannot_write(name, &s));
             }
             s = self.shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -155,20 +164,24 @@ impl<C: Chunk> Staged<C> {
         s.since.get_or_insert_with(Instant::now);
         chunks.push(Arc::new(chunk));
         s.chunks = Arc::new(chunks);
+        metrics::gauge!("stemedb_projection_staged_events", "projection" => name).set(s.events as f64);
         self.shared.changed.notify_all();
         Ok(())
     }
 
-    /// Waits until every staged chunk is committed; returns the
-    /// committer's error if a write fails meanwhile.
+    /// Waits until every chunk staged when it is called is committed (not
+    /// the ones pushed meanwhile, so it ends under a steady load); returns
+    /// an error if a write fails while it waits.
     pub fn drain(&self, name: &'static str) -> Result<(), ProjectionError> {
         let mut s = self.lock();
+        let Some(target) = s.chunks.last().map(|c| c.last()) else { return Ok(()) };
+        let seen = s.failures;
         s.draining += 1;
         self.shared.changed.notify_all();
         let mut result = Ok(());
-        while !s.chunks.is_empty() {
-            if let Some(err) = &s.error {
-                result = Err(ProjectionError { projection: name, message: format!("the store cannot write: {err}") });
+        while s.chunks.first().is_some_and(|c| c.first() <= target) {
+            if s.dead || s.failures > seen {
+                result = Err(cannot_write(name, &s));
                 break;
             }
             s = self.shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -177,8 +190,9 @@ impl<C: Chunk> Staged<C> {
         result
     }
 
-    /// Pauses (true) or resumes (false) the committer after its current
-    /// write: tests use it to read a store while chunks are staged.
+    /// Pauses (true) or resumes (false) the committer's timed commits after
+    /// its current write: tests use it to read a store while chunks are
+    /// staged. A drain, or a full stage, still commits.
     pub fn hold(&self, held: bool) {
         self.lock().held = held;
         self.shared.changed.notify_all();
@@ -197,7 +211,27 @@ impl<C: Chunk> Drop for Staged<C> {
     }
 }
 
+fn cannot_write<C>(name: &'static str, s: &State<C>) -> ProjectionError {
+    let why = if s.dead { "its committer thread stopped" } else { s.error.as_deref().unwrap_or("a commit failed") };
+    ProjectionError { projection: name, message: format!("the store cannot write: {why}") }
+}
+
+/// Marks the committer dead if its thread ends by a panic, so that
+/// `push` and `drain` fail instead of waiting for it forever.
+struct Obituary<'a, C>(&'a Shared<C>);
+
+impl<C> Drop for Obituary<'_, C> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.dead = true;
+            self.0.changed.notify_all();
+        }
+    }
+}
+
 fn commit_loop<C: Chunk>(name: &'static str, shared: &Shared<C>, sync_every: Duration, mut write: WriteChunks<C>, mut sync: SyncStore) {
+    let _obituary = Obituary(shared);
     let lock = || shared.state.lock().unwrap_or_else(|p| p.into_inner());
     let mut last_durable = Instant::now();
     let commit_every = sync_every.min(COMMIT_INTERVAL);
@@ -216,18 +250,22 @@ fn commit_loop<C: Chunk>(name: &'static str, shared: &Shared<C>, sync_every: Dur
                 // touches, so one commit per applied batch (a millisecond
                 // apart under a steady load) cost the committer about 130 µs
                 // of CPU per event; readers see staged chunks meanwhile.
-                let due = s.since.map(|t| t.elapsed() >= commit_every);
-                if !s.chunks.is_empty() && !s.held && (s.events >= COMMIT_EVENTS || s.draining > 0 || due == Some(true)) {
+                let due = s.since.is_some_and(|t| t.elapsed() >= commit_every);
+                let forced = s.draining > 0 || s.events >= MAX_STAGED_EVENTS;
+                if !s.chunks.is_empty() && (forced || (!s.held && (s.events >= COMMIT_EVENTS || due))) {
                     break Some(s.chunks.clone());
                 }
-                if s.unsynced && !s.held && last_durable.elapsed() >= sync_every {
+                if s.chunks.is_empty() && s.unsynced && !s.held && last_durable.elapsed() >= sync_every {
                     idle_sync = true;
                     break None;
                 }
+                // Sleep until the next thing that can become due (a push,
+                // drain or hold change wakes it earlier).
                 let timeout = match s.since {
-                    Some(t) if !s.held => commit_every.saturating_sub(t.elapsed()),
-                    _ if s.unsynced => sync_every.saturating_sub(last_durable.elapsed()),
-                    _ => Duration::from_secs(3600),
+                    _ if s.held => Duration::from_secs(3600),
+                    Some(t) => commit_every.saturating_sub(t.elapsed()),
+                    None if s.unsynced => sync_every.saturating_sub(last_durable.elapsed()),
+                    None => Duration::from_secs(3600),
                 };
                 s = shared.changed.wait_timeout(s, timeout.max(Duration::from_millis(1))).unwrap_or_else(|p| p.into_inner()).0;
             }
@@ -262,9 +300,132 @@ fn commit_loop<C: Chunk>(name: &'static str, shared: &Shared<C>, sync_every: Dur
                 metrics::counter!("stemedb_projection_commit_errors_total", "projection" => name).increment(1);
                 tracing::error!(projection = name, error = %e, "projection commit failed; readers still see the staged events; retrying in 1 s");
                 s.error = Some(e.message);
+                s.failures += 1;
                 shared.changed.notify_all();
                 let _ = shared.changed.wait_timeout_while(s, Duration::from_secs(1), |s| !s.stop);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    struct Span(u64, u64);
+
+    impl Chunk for Span {
+        fn first(&self) -> u64 {
+            self.0
+        }
+        fn last(&self) -> u64 {
+            self.1
+        }
+        fn events(&self) -> usize {
+            (self.1 - self.0 + 1) as usize
+        }
+    }
+
+    /// A store whose writes record the last position written, and fail
+    /// while `failing` is set (or panic, if `panicking` is).
+    fn store(written: Arc<AtomicU64>, failing: Arc<AtomicBool>, panicking: bool) -> Staged<Span> {
+        slow_store(written, failing, panicking, Duration::ZERO)
+    }
+
+    /// [`store`] whose writes take `delay`.
+    fn slow_store(written: Arc<AtomicU64>, failing: Arc<AtomicBool>, panicking: bool, delay: Duration) -> Staged<Span> {
+        let write: WriteChunks<Span> = Box::new(move |chunks, _| {
+            assert!(!panicking, "a write that panics");
+            std::thread::sleep(delay);
+            if failing.load(Ordering::SeqCst) {
+                return Err(ProjectionError { projection: "test", message: "disk full".into() });
+            }
+            let last = chunks.last().map_or(0, |c| c.last());
+            written.store(last, Ordering::SeqCst);
+            Ok(())
+        });
+        Staged::start("test", Duration::from_millis(50), write, Box::new(|| Ok(()))).expect("start")
+    }
+
+    /// A drain ends once what was staged when it began is written, even
+    /// while new chunks keep arriving (a verification under load).
+    #[test]
+    fn drain_ends_under_a_steady_load() {
+        let written = Arc::new(AtomicU64::new(0));
+        // Each write outlasts the gap between pushes, so the stage is never
+        // empty while the pusher runs.
+        let staged = Arc::new(slow_store(written.clone(), Arc::new(AtomicBool::new(false)), false, Duration::from_millis(20)));
+        staged.push("test", Span(1, 10)).expect("push");
+        let stop = Arc::new(AtomicBool::new(false));
+        let pusher = {
+            let (staged, stop) = (staged.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut next = 11;
+                while !stop.load(Ordering::SeqCst) {
+                    staged.push("test", Span(next, next)).expect("push");
+                    next += 1;
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        // A drain that waited for an empty stage would never end here; the
+        // watchdog turns that hang into a failure.
+        let (done, wait) = std::sync::mpsc::channel();
+        let drainer = {
+            let staged = staged.clone();
+            std::thread::spawn(move || {
+                let _ = done.send(staged.drain("test"));
+            })
+        };
+        let drained = wait.recv_timeout(Duration::from_secs(30));
+        stop.store(true, Ordering::SeqCst);
+        pusher.join().expect("pusher");
+        drainer.join().expect("drainer");
+        drained.expect("the drain ended while chunks kept arriving").expect("drain");
+        assert!(written.load(Ordering::SeqCst) >= 10);
+    }
+
+    /// Failing writes keep chunks staged (readers still see them); a full
+    /// stage and a drain then fail instead of waiting forever, and both
+    /// succeed again once the store can write.
+    #[test]
+    fn failing_writes_fail_waiters_then_recover() {
+        let written = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(AtomicBool::new(true));
+        let staged = store(written.clone(), failing.clone(), false);
+        let n = MAX_STAGED_EVENTS as u64;
+        staged.push("test", Span(1, n)).expect("the first push fits");
+        let err = staged.push("test", Span(n + 1, n + 1)).expect_err("a full stage with failing writes");
+        assert!(err.message.contains("disk full"), "{err}");
+        assert_eq!(staged.snapshot().len(), 1, "the failed push staged nothing; the first chunk is still visible");
+        assert!(staged.drain("test").is_err());
+        failing.store(false, Ordering::SeqCst);
+        staged.drain("test").expect("drain after recovery");
+        assert_eq!(written.load(Ordering::SeqCst), n);
+        staged.push("test", Span(n + 1, n + 1)).expect("push after recovery");
+    }
+
+    /// A committer that panics is reported, not waited for.
+    #[test]
+    fn a_dead_committer_fails_drains() {
+        let staged = store(Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)), true);
+        staged.push("test", Span(1, 1)).expect("push");
+        let err = staged.drain("test").expect_err("the committer panicked");
+        assert!(err.message.contains("committer thread stopped"), "{err}");
+    }
+
+    /// A chunk that does not continue the staged ones is refused.
+    #[test]
+    fn gaps_are_refused() {
+        let staged = store(Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)), false);
+        staged.hold(true);
+        staged.push("test", Span(1, 5)).expect("push");
+        assert!(staged.push("test", Span(7, 8)).is_err());
+        assert!(staged.push("test", Span(5, 8)).is_err());
+        staged.push("test", Span(6, 8)).expect("push");
+        staged.drain("test").expect("a drain commits even while held");
+        assert!(staged.snapshot().is_empty());
     }
 }
