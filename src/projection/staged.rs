@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::Durability;
+use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::ProjectionError;
 
@@ -59,6 +59,9 @@ pub trait Chunk: Send + Sync + 'static {
 /// Writes consecutive chunks and their last position as the checkpoint in
 /// one transaction of the given durability.
 pub type WriteChunks<C> = Box<dyn FnMut(&[Arc<C>], Durability) -> Result<(), ProjectionError> + Send>;
+
+/// Commits chunks to a redb store (see [`write_redb`]).
+pub type WriteRedb<C> = fn(&Database, &[Arc<C>], Durability) -> Result<(), ProjectionError>;
 
 /// Makes every earlier commit durable (an empty durable commit).
 pub type SyncStore = Box<dyn FnMut() -> Result<(), ProjectionError> + Send>;
@@ -209,6 +212,54 @@ impl<C: Chunk> Drop for Staged<C> {
             let _ = t.join();
         }
     }
+}
+
+/// Where both redb stores keep their checkpoint (`"checkpoint"` → position).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Starts the committer of a redb store: `write` commits chunks (usually
+/// through [`write_redb`]); idle syncs are empty durable commits.
+pub fn start_redb<C: Chunk>(
+    name: &'static str,
+    db: &Arc<Database>,
+    write: WriteRedb<C>,
+    err: fn(String) -> ProjectionError,
+) -> Result<Staged<C>, ProjectionError> {
+    let (w, f) = (db.clone(), db.clone());
+    Staged::start(
+        name,
+        super::store_tuning().sync_interval,
+        Box::new(move |chunks, durability| write(&w, chunks, durability)),
+        Box::new(move || super::flush_redb(&f, err)),
+    )
+}
+
+/// Commits consecutive `chunks` in one redb transaction: `rows` writes
+/// their rows, and the checkpoint moves to the last chunk's position. Chunks
+/// that do not continue the store's checkpoint are refused, so no event is
+/// ever written twice or skipped.
+pub fn write_redb<C: Chunk>(
+    db: &Database,
+    chunks: &[Arc<C>],
+    durability: Durability,
+    err: fn(String) -> ProjectionError,
+    rows: impl FnOnce(&WriteTransaction) -> Result<(), ProjectionError>,
+) -> Result<(), ProjectionError> {
+    let (Some(head), Some(tail)) = (chunks.first(), chunks.last()) else { return Ok(()) };
+    let e = |x: &dyn std::fmt::Display| err(x.to_string());
+    let mut tx = db.begin_write().map_err(|x| e(&x))?;
+    tx.set_durability(durability).map_err(|x| e(&x))?;
+    {
+        let mut meta = tx.open_table(META).map_err(|x| e(&x))?;
+        if let Some(cp) = meta.get("checkpoint").map_err(|x| e(&x))?.map(|v| v.value())
+            && head.first() != cp + 1
+        {
+            return Err(err(format!("batch starts at {} but the checkpoint is {cp}", head.first())));
+        }
+        rows(&tx)?;
+        meta.insert("checkpoint", tail.last()).map_err(|x| e(&x))?;
+    }
+    tx.commit().map_err(|x| e(&x))
 }
 
 fn cannot_write<C>(name: &'static str, s: &State<C>) -> ProjectionError {

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use redb::{Durability, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadableDatabase};
 
 use super::snapshot::Snapshot;
 use super::*;
@@ -137,16 +137,7 @@ impl Chunk {
 
 /// Writes consecutive `chunks` and the checkpoint in one transaction.
 pub(super) fn write_chunks(db: &Database, chunks: &[Arc<Chunk>], durability: Durability) -> Result<(), ProjectionError> {
-    let (Some(head), Some(tail)) = (chunks.first(), chunks.last()) else { return Ok(()) };
-    let mut tx = db.begin_write().map_err(kerr)?;
-    tx.set_durability(durability).map_err(kerr)?;
-    {
-        let mut meta = tx.open_table(META).map_err(kerr)?;
-        if let Some(cp) = meta.get("checkpoint").map_err(kerr)?.map(|v| v.value())
-            && head.first != cp + 1
-        {
-            return Err(kerr(format!("batch starts at {} but the checkpoint is {cp}", head.first)));
-        }
+    staged::write_redb(db, chunks, durability, kerr, |tx| {
         {
             let mut log = tx.open_table(LOG).map_err(kerr)?;
             for (p, id, kind, t) in chunks.iter().flat_map(|c| &c.log_rows) {
@@ -196,9 +187,8 @@ pub(super) fn write_chunks(db: &Database, chunks: &[Arc<Chunk>], durability: Dur
                 stored.insert(p, bytes.as_slice()).map_err(kerr)?;
             }
         }
-        meta.insert("checkpoint", tail.last).map_err(kerr)?;
-    }
-    tx.commit().map_err(kerr)
+        Ok(())
+    })
 }
 
 impl Projection for KvStore {

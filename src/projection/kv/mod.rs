@@ -112,13 +112,7 @@ impl KvStore {
         }
         tx.commit().map_err(kerr)?;
         let db = Arc::new(db);
-        let (w, f) = (db.clone(), db.clone());
-        let staged = super::staged::Staged::start(
-            NAME,
-            super::store_tuning().sync_interval,
-            Box::new(move |chunks, durability| apply::write_chunks(&w, chunks, durability)),
-            Box::new(move || super::flush_redb(&f, kerr)),
-        )?;
+        let staged = super::staged::start_redb(NAME, &db, apply::write_chunks, kerr)?;
         Ok(KvStore { db, path: path.to_path_buf(), sort_budget: super::bulk_buffer_bytes(), staged })
     }
 

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable};
+use redb::{Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase};
 
 use super::*;
 use crate::projection::staged;
@@ -183,16 +183,7 @@ impl Chunk {
 /// Writes consecutive `chunks` (the newest row of each pair) and the
 /// checkpoint in one transaction, in key order.
 pub(super) fn write_chunks(db: &Database, chunks: &[Arc<Chunk>], durability: Durability) -> Result<(), ProjectionError> {
-    let (Some(head), Some(tail)) = (chunks.first(), chunks.last()) else { return Ok(()) };
-    let mut tx = db.begin_write().map_err(e)?;
-    tx.set_durability(durability).map_err(e)?;
-    {
-        let mut meta = tx.open_table(META).map_err(e)?;
-        if let Some(cp) = meta.get("checkpoint").map_err(e)?.map(|v| v.value())
-            && head.first != cp + 1
-        {
-            return Err(e(format!("batch starts at {} but the checkpoint is {cp}", head.first)));
-        }
+    staged::write_redb(db, chunks, durability, e, |tx| {
         {
             let mut owners = tx.open_table(OWNERS).map_err(e)?;
             let mut rows: Vec<(&AssertionId, &Vec<u8>)> = chunks.iter().flat_map(|c| &c.owners).collect();
@@ -209,7 +200,6 @@ pub(super) fn write_chunks(db: &Database, chunks: &[Arc<Chunk>], durability: Dur
         for (pk, (summary, live)) in latest {
             pairs.insert(pk, (summary.as_slice(), live.as_slice())).map_err(e)?;
         }
-        meta.insert("checkpoint", tail.last).map_err(e)?;
-    }
-    tx.commit().map_err(e)
+        Ok(())
+    })
 }

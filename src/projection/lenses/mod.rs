@@ -151,13 +151,7 @@ impl LensStore {
         }
         tx.commit().map_err(e)?;
         let db = Arc::new(db);
-        let (w, f) = (db.clone(), db.clone());
-        let staged = super::staged::Staged::start(
-            NAME,
-            super::store_tuning().sync_interval,
-            Box::new(move |chunks, durability| apply::write_chunks(&w, chunks, durability)),
-            Box::new(move || super::flush_redb(&f, e)),
-        )?;
+        let staged = super::staged::start_redb(NAME, &db, apply::write_chunks, e)?;
         Ok(LensStore { db, path: path.to_path_buf(), sort_budget: super::bulk_buffer_bytes(), defs, staged })
     }
 
