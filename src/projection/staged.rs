@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::ProjectionError;
+use crate::model::LogRecord;
 
 /// Most events held in chunks not yet written before [`Staged::push`]
 /// waits for the committer: bounds memory when the store falls behind
@@ -46,14 +47,47 @@ pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// for the commit interval (a worker catching up applies far more).
 pub const COMMIT_EVENTS: usize = 8_192;
 
+/// Which consecutive events of the log a chunk holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extent {
+    /// Position of its first event.
+    pub first: u64,
+    /// Position of its last event.
+    pub last: u64,
+    /// How many events it holds (for [`MAX_STAGED_EVENTS`]).
+    pub events: usize,
+}
+
+impl Extent {
+    /// The extent of `records`, refused unless they continue a store at
+    /// position `at` (0: an empty store, which may start anywhere).
+    pub fn of(records: &[LogRecord], at: u64, err: fn(String) -> ProjectionError) -> Result<Extent, ProjectionError> {
+        let (Some(first), Some(last)) = (records.first().map(|r| r.position), records.last().map(|r| r.position)) else {
+            return Err(err("nothing to apply".into()));
+        };
+        if at != 0 && first != at + 1 {
+            return Err(err(format!("batch starts at {first} but the store is at {at}")));
+        }
+        Ok(Extent { first, last, events: records.len() })
+    }
+}
+
 /// One applied batch, as a store stages it.
 pub trait Chunk: Send + Sync + 'static {
-    /// Position of its first event.
-    fn first(&self) -> u64;
-    /// Position of its last event.
-    fn last(&self) -> u64;
-    /// How many events it holds (for [`MAX_STAGED_EVENTS`]).
-    fn events(&self) -> usize;
+    /// The events it holds.
+    fn extent(&self) -> Extent;
+}
+
+/// How many leading `chunks` a redb snapshot whose checkpoint is
+/// `committed` already holds (commits always cover whole chunks).
+pub fn committed_prefix<C: Chunk>(chunks: &[Arc<C>], committed: u64) -> usize {
+    chunks.iter().take_while(|c| c.extent().last <= committed).count()
+}
+
+/// The last position a view reflects: the newest of `beyond` (the chunks
+/// past its snapshot), else the snapshot's checkpoint.
+pub fn view_position<C: Chunk>(beyond: &[Arc<C>], committed: u64) -> u64 {
+    beyond.last().map_or(committed, |c| c.extent().last)
 }
 
 /// Writes consecutive chunks and their last position as the checkpoint in
@@ -154,16 +188,16 @@ impl<C: Chunk> Staged<C> {
             s = self.shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         if let Some(prev) = s.chunks.last()
-            && chunk.first() != prev.last() + 1
+            && chunk.extent().first != prev.extent().last + 1
         {
             return Err(ProjectionError {
                 projection: name,
-                message: format!("batch starts at {} but the staged ones end at {}", chunk.first(), prev.last()),
+                message: format!("batch starts at {} but the staged ones end at {}", chunk.extent().first, prev.extent().last),
             });
         }
         let mut chunks = Vec::with_capacity(s.chunks.len() + 1);
         chunks.extend(s.chunks.iter().cloned());
-        s.events += chunk.events();
+        s.events += chunk.extent().events;
         s.since.get_or_insert_with(Instant::now);
         chunks.push(Arc::new(chunk));
         s.chunks = Arc::new(chunks);
@@ -177,12 +211,12 @@ impl<C: Chunk> Staged<C> {
     /// an error if a write fails while it waits.
     pub fn drain(&self, name: &'static str) -> Result<(), ProjectionError> {
         let mut s = self.lock();
-        let Some(target) = s.chunks.last().map(|c| c.last()) else { return Ok(()) };
+        let Some(target) = s.chunks.last().map(|c| c.extent().last) else { return Ok(()) };
         let seen = s.failures;
         s.draining += 1;
         self.shared.changed.notify_all();
         let mut result = Ok(());
-        while s.chunks.first().is_some_and(|c| c.first() <= target) {
+        while s.chunks.first().is_some_and(|c| c.extent().first <= target) {
             if s.dead || s.failures > seen {
                 result = Err(cannot_write(name, &s));
                 break;
@@ -252,12 +286,12 @@ pub fn write_redb<C: Chunk>(
     {
         let mut meta = tx.open_table(META).map_err(|x| e(&x))?;
         if let Some(cp) = meta.get("checkpoint").map_err(|x| e(&x))?.map(|v| v.value())
-            && head.first() != cp + 1
+            && head.extent().first != cp + 1
         {
-            return Err(err(format!("batch starts at {} but the checkpoint is {cp}", head.first())));
+            return Err(err(format!("batch starts at {} but the checkpoint is {cp}", head.extent().first)));
         }
         rows(&tx)?;
-        meta.insert("checkpoint", tail.last()).map_err(|x| e(&x))?;
+        meta.insert("checkpoint", tail.extent().last).map_err(|x| e(&x))?;
     }
     tx.commit().map_err(|x| e(&x))
 }
@@ -340,7 +374,7 @@ fn commit_loop<C: Chunk>(name: &'static str, shared: &Shared<C>, sync_every: Dur
                     // Everything written leaves the list; chunks pushed
                     // meanwhile stay, in order.
                     let rest: Vec<Arc<C>> = s.chunks[done.len()..].to_vec();
-                    s.events = rest.iter().map(|c| c.events()).sum();
+                    s.events = rest.iter().map(|c| c.extent().events).sum();
                     s.since = (!rest.is_empty()).then(Instant::now);
                     s.chunks = Arc::new(rest);
                     metrics::gauge!("stemedb_projection_staged_events", "projection" => name).set(s.events as f64);
@@ -367,14 +401,8 @@ mod tests {
     struct Span(u64, u64);
 
     impl Chunk for Span {
-        fn first(&self) -> u64 {
-            self.0
-        }
-        fn last(&self) -> u64 {
-            self.1
-        }
-        fn events(&self) -> usize {
-            (self.1 - self.0 + 1) as usize
+        fn extent(&self) -> Extent {
+            Extent { first: self.0, last: self.1, events: (self.1 - self.0 + 1) as usize }
         }
     }
 
@@ -392,7 +420,7 @@ mod tests {
             if failing.load(Ordering::SeqCst) {
                 return Err(ProjectionError { projection: "test", message: "disk full".into() });
             }
-            let last = chunks.last().map_or(0, |c| c.last());
+            let last = chunks.last().map_or(0, |c| c.extent().last);
             written.store(last, Ordering::SeqCst);
             Ok(())
         });

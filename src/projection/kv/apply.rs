@@ -22,12 +22,8 @@ use crate::projection::{BulkLoad, Projection, pair_key};
 /// The rows and states produced by applying consecutive events.
 #[derive(Default)]
 pub(crate) struct Chunk {
-    /// Position of the first event applied.
-    pub(super) first: u64,
-    /// Position of the last event applied.
-    pub(super) last: u64,
-    /// Number of events applied.
-    events: usize,
+    /// The events applied.
+    extent: staged::Extent,
     /// State after this chunk of every assertion it created or changed, by position.
     pub(super) dirty: HashMap<u64, StoredAssertion>,
     /// Ids created here.
@@ -42,14 +38,8 @@ pub(crate) struct Chunk {
 }
 
 impl staged::Chunk for Chunk {
-    fn first(&self) -> u64 {
-        self.first
-    }
-    fn last(&self) -> u64 {
-        self.last
-    }
-    fn events(&self) -> usize {
-        self.events
+    fn extent(&self) -> staged::Extent {
+        self.extent
     }
 }
 
@@ -57,14 +47,7 @@ impl Chunk {
     /// Applies `records` (which must follow `before`'s position) on top
     /// of the state `before` shows.
     fn apply(before: &Snapshot, records: &[LogRecord]) -> Result<Chunk, ProjectionError> {
-        let (Some(first), Some(last)) = (records.first().map(|r| r.position), records.last().map(|r| r.position)) else {
-            return Err(kerr("nothing to apply"));
-        };
-        let at = before.position();
-        if at != 0 && first != at + 1 {
-            return Err(kerr(format!("batch starts at {first} but the store is at {at}")));
-        }
-        let mut c = Chunk { first, last, events: records.len(), ..Chunk::default() };
+        let mut c = Chunk { extent: staged::Extent::of(records, before.position(), kerr)?, ..Chunk::default() };
         for r in records {
             match &r.event {
                 Event::AssertionRecorded { id, assertion: a } => {
@@ -206,7 +189,7 @@ impl Projection for KvStore {
             return self.checkpoint();
         }
         let chunk = Chunk::apply(&Snapshot::take(self)?, records)?;
-        let last = chunk.last;
+        let last = chunk.extent.last;
         self.staged.push(NAME, chunk)?;
         Ok(last)
     }

@@ -8,6 +8,7 @@ use redb::{ReadOnlyTable, ReadTransaction, ReadableDatabase};
 
 use super::apply::Chunk;
 use super::*;
+use crate::projection::staged;
 
 /// The store as of one moment.
 pub(crate) struct Snapshot {
@@ -31,7 +32,7 @@ impl Snapshot {
             let meta = tx.open_table(META).map_err(kerr)?;
             meta.get("checkpoint").map_err(kerr)?.map(|v| v.value()).unwrap_or(0)
         };
-        let skip = chunks.iter().take_while(|c| c.last <= committed).count();
+        let skip = staged::committed_prefix(&chunks, committed);
         let ids = tx.open_table(IDS).map_err(kerr)?;
         let records = tx.open_table(RECORDS).map_err(kerr)?;
         Ok(Snapshot { tx, committed, chunks, skip, ids, records })
@@ -44,7 +45,7 @@ impl Snapshot {
 
     /// The last position this view reflects.
     pub(crate) fn position(&self) -> u64 {
-        self.staged().last().map_or(self.committed, |c| c.last)
+        staged::view_position(self.staged(), self.committed)
     }
 
     /// The position of assertion `id`, if known.

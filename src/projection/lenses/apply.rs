@@ -20,9 +20,8 @@ use crate::projection::staged;
 /// Encoded rows of the pairs a batch touched, and the owners it added.
 #[derive(Default)]
 pub(super) struct Chunk {
-    first: u64,
-    last: u64,
-    events: usize,
+    /// The events applied.
+    extent: staged::Extent,
     /// pair key → (packed summary, live set), as written to [`PAIRS`].
     pub(super) pairs: BTreeMap<Vec<u8>, (Vec<u8>, Vec<u8>)>,
     /// id → pair key of the assertions recorded.
@@ -30,14 +29,8 @@ pub(super) struct Chunk {
 }
 
 impl staged::Chunk for Chunk {
-    fn first(&self) -> u64 {
-        self.first
-    }
-    fn last(&self) -> u64 {
-        self.last
-    }
-    fn events(&self) -> usize {
-        self.events
+    fn extent(&self) -> staged::Extent {
+        self.extent
     }
 }
 
@@ -58,7 +51,7 @@ impl Snapshot {
         let chunks = store.staged.snapshot();
         let tx = store.db.begin_read().map_err(e)?;
         let committed = checkpoint_in(&tx)?;
-        let skip = chunks.iter().take_while(|c| c.last <= committed).count();
+        let skip = staged::committed_prefix(&chunks, committed);
         let pairs = tx.open_table(PAIRS).map_err(e)?;
         Ok(Snapshot { tx, committed, chunks, skip, pairs })
     }
@@ -69,7 +62,7 @@ impl Snapshot {
 
     /// The last position this view reflects.
     pub(super) fn position(&self) -> u64 {
-        self.staged().last().map_or(self.committed, |c| c.last)
+        staged::view_position(self.staged(), self.committed)
     }
 
     /// Calls `f` with the pair's two encoded rows (summary, live set), or
@@ -129,13 +122,7 @@ impl Chunk {
     /// Applies `records` (which must follow `before`'s position) on top
     /// of the state `before` shows, summarizing with `defs`.
     pub(super) fn apply(before: &Snapshot, defs: &Definitions, records: &[LogRecord]) -> Result<Chunk, ProjectionError> {
-        let (Some(first), Some(last)) = (records.first().map(|r| r.position), records.last().map(|r| r.position)) else {
-            return Err(e("nothing to apply"));
-        };
-        let at = before.position();
-        if at != 0 && first != at + 1 {
-            return Err(e(format!("batch starts at {first} but the store is at {at}")));
-        }
+        let extent = staged::Extent::of(records, before.position(), e)?;
         let mut owners_table = None;
         let mut touched: HashMap<Vec<u8>, LiveSet> = HashMap::new();
         let mut owners: HashMap<AssertionId, Vec<u8>> = HashMap::new();
@@ -176,7 +163,7 @@ impl Chunk {
             encode_pair(&set, defs, &mut summary, &mut live)?;
             pairs.insert(pk, (summary, live));
         }
-        Ok(Chunk { first, last, events: records.len(), pairs, owners })
+        Ok(Chunk { extent, pairs, owners })
     }
 }
 
