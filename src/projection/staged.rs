@@ -38,6 +38,12 @@ use crate::model::LogRecord;
 /// (catch-up, a slow disk) while leaving room for a full batch in flight.
 pub const MAX_STAGED_EVENTS: usize = 65_536;
 
+/// Most chunks staged before [`Staged::push`] waits: every read looks
+/// through the staged chunks, so when commits stall with small batches
+/// (a worker applies every millisecond) this bounds a read's extra work.
+/// A normal 100 ms commit interval stages about a hundred.
+pub const MAX_STAGED_CHUNKS: usize = 4_096;
+
 /// Longest a staged chunk waits for the committer (or the sync interval,
 /// if shorter): readers see it meanwhile, so this bounds only how many
 /// chunks they merge and how much a crash makes the worker re-apply.
@@ -175,13 +181,14 @@ impl<C: Chunk> Staged<C> {
     }
 
     /// Publishes `chunk` (which must continue the last one) to readers and
-    /// queues it for writing. Waits while [`MAX_STAGED_EVENTS`] are staged;
+    /// queues it for writing. Waits while [`MAX_STAGED_EVENTS`] or
+    /// [`MAX_STAGED_CHUNKS`] are staged;
     /// if the committer is failing meanwhile, returns its error and stages
     /// nothing, so the caller can retry the same events later.
     pub fn push(&self, name: &'static str, chunk: C) -> Result<(), ProjectionError> {
         let mut s = self.lock();
         let seen = s.failures;
-        while s.events >= MAX_STAGED_EVENTS {
+        while s.events >= MAX_STAGED_EVENTS || s.chunks.len() >= MAX_STAGED_CHUNKS {
             if s.dead || s.failures > seen {
                 return Err(cannot_write(name, &s));
             }
@@ -336,7 +343,7 @@ fn commit_loop<C: Chunk>(name: &'static str, shared: &Shared<C>, sync_every: Dur
                 // apart under a steady load) cost the committer about 130 µs
                 // of CPU per event; readers see staged chunks meanwhile.
                 let due = s.since.is_some_and(|t| t.elapsed() >= commit_every);
-                let forced = s.draining > 0 || s.events >= MAX_STAGED_EVENTS;
+                let forced = s.draining > 0 || s.events >= MAX_STAGED_EVENTS || s.chunks.len() >= MAX_STAGED_CHUNKS;
                 if !s.chunks.is_empty() && (forced || (!s.held && (s.events >= COMMIT_EVENTS || due))) {
                     break Some(s.chunks.clone());
                 }
@@ -493,6 +500,22 @@ mod tests {
         staged.push("test", Span(1, 1)).expect("push");
         let err = staged.drain("test").expect_err("the committer panicked");
         assert!(err.message.contains("committer thread stopped"), "{err}");
+    }
+
+    /// Many small chunks are bounded too: with timed commits held, the
+    /// chunk that would pass the bound makes the committer write instead
+    /// of staging without end.
+    #[test]
+    fn many_small_chunks_force_a_commit() {
+        let written = Arc::new(AtomicU64::new(0));
+        let staged = store(written.clone(), Arc::new(AtomicBool::new(false)), false);
+        staged.hold(true);
+        let n = MAX_STAGED_CHUNKS as u64 + 10;
+        for p in 1..=n {
+            staged.push("test", Span(p, p)).expect("push");
+            assert!(staged.snapshot().len() <= MAX_STAGED_CHUNKS);
+        }
+        assert!(written.load(Ordering::SeqCst) >= MAX_STAGED_CHUNKS as u64, "a commit was forced");
     }
 
     /// A chunk that does not continue the staged ones is refused.
