@@ -3,6 +3,9 @@
 
 use serde::Serialize;
 
+use redb::TableDefinition;
+
+use super::apply::Chunk;
 use super::snapshot::Snapshot;
 use super::*;
 use crate::projection::pair_key;
@@ -100,14 +103,7 @@ impl KvStore {
         let tx = &snap.tx;
         let mut items = Vec::new();
         let mut next = None;
-        // Pick the most selective index; other filters are checked per item.
-        let (table, prefix): (Option<redb::TableDefinition<&[u8], ()>>, Vec<u8>) = match (&f.subject, &f.predicate, &f.agent) {
-            (Some(_), Some(_), _) => (None, Vec::new()),
-            (Some(s), None, _) => (Some(BY_SUBJECT), s.as_bytes().to_vec()),
-            (None, _, Some(a)) => (Some(BY_AGENT), a.as_bytes().to_vec()),
-            (None, Some(p), None) => (Some(BY_PREDICATE), p.as_bytes().to_vec()),
-            (None, None, None) => (None, Vec::new()),
-        };
+        let scan = Scan::for_filter(f);
         let mut consider = |position: u64| -> Result<bool, ProjectionError> {
             if items.len() == f.limit {
                 next = Some(items.last().map(|v: &StoredView| v.position).unwrap_or(position));
@@ -124,63 +120,53 @@ impl KvStore {
             }
             Ok(true)
         };
-        let pair = f.subject.as_ref().zip(f.predicate.as_ref()).map(|(s, p)| pair_key(s, p));
         let mut more = true;
-        if let Some(pk) = &pair {
-            let t = tx.open_table(BY_PAIR).map_err(kerr)?;
-            let start = index_key(pk, f.after.saturating_add(1));
-            let end = index_key(pk, u64::MAX);
-            for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
-                let (k, v) = row.map_err(kerr)?;
-                if v.value().0 != KIND_ASSERTED {
-                    continue;
-                }
-                if !consider(position_of(k.value()))? {
-                    more = false;
-                    break;
-                }
-            }
-        } else if let Some(def) = table {
-            let t = tx.open_table(def).map_err(kerr)?;
-            let start = index_key(&prefix, f.after.saturating_add(1));
-            let end = index_key(&prefix, u64::MAX);
-            for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
-                let (k, _) = row.map_err(kerr)?;
-                if !consider(position_of(k.value()))? {
-                    more = false;
-                    break;
+        match &scan {
+            Scan::Pair(pk) => {
+                let t = tx.open_table(BY_PAIR).map_err(kerr)?;
+                let start = index_key(pk, f.after.saturating_add(1));
+                let end = index_key(pk, u64::MAX);
+                for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
+                    let (k, v) = row.map_err(kerr)?;
+                    if v.value().0 == KIND_ASSERTED && !consider(position_of(k.value()))? {
+                        more = false;
+                        break;
+                    }
                 }
             }
-        } else {
-            let t = tx.open_table(LOG).map_err(kerr)?;
-            for row in t.range(f.after.saturating_add(1)..).map_err(kerr)? {
-                let (k, v) = row.map_err(kerr)?;
-                if v.value().1 != KIND_ASSERTED {
-                    continue;
+            Scan::Name(def, prefix, _) => {
+                let t = tx.open_table(*def).map_err(kerr)?;
+                let start = index_key(prefix, f.after.saturating_add(1));
+                let end = index_key(prefix, u64::MAX);
+                for row in t.range(start.as_slice()..=end.as_slice()).map_err(kerr)? {
+                    let (k, _) = row.map_err(kerr)?;
+                    if !consider(position_of(k.value()))? {
+                        more = false;
+                        break;
+                    }
                 }
-                if !consider(k.value())? {
-                    more = false;
-                    break;
+            }
+            Scan::Log => {
+                let t = tx.open_table(LOG).map_err(kerr)?;
+                for row in t.range(f.after.saturating_add(1)..).map_err(kerr)? {
+                    let (k, v) = row.map_err(kerr)?;
+                    if v.value().1 == KIND_ASSERTED && !consider(k.value())? {
+                        more = false;
+                        break;
+                    }
                 }
             }
         }
-        // Staged positions all follow the committed ones: continue with them.
+        // Staged positions all follow the committed ones: continue with
+        // them, through the same index's staged rows.
         if more {
             'staged: for c in snap.staged() {
-                let positions: Vec<u64> = match (&pair, &f.subject, &f.predicate, &f.agent) {
-                    (Some(pk), ..) => {
+                let positions: Vec<u64> = match &scan {
+                    Scan::Pair(pk) => {
                         c.pair_rows.iter().filter(|(k, v)| v.0 == KIND_ASSERTED && in_prefix(k, pk)).map(|(k, _)| position_of(k)).collect()
                     }
-                    (None, Some(s), None, _) => {
-                        c.subject_rows.iter().filter(|k| in_prefix(k, s.as_bytes())).map(|k| position_of(k)).collect()
-                    }
-                    (None, None, _, Some(a)) => {
-                        c.agent_rows.iter().filter(|k| in_prefix(k, a.as_bytes())).map(|k| position_of(k)).collect()
-                    }
-                    (None, None, Some(p), None) => {
-                        c.predicate_rows.iter().filter(|k| in_prefix(k, p.as_bytes())).map(|k| position_of(k)).collect()
-                    }
-                    _ => c.log_rows.iter().filter(|r| r.2 == KIND_ASSERTED).map(|r| r.0).collect(),
+                    Scan::Name(_, prefix, rows_of) => rows_of(c).iter().filter(|k| in_prefix(k, prefix)).map(|k| position_of(k)).collect(),
+                    Scan::Log => c.log_rows.iter().filter(|r| r.2 == KIND_ASSERTED).map(|r| r.0).collect(),
                 };
                 for p in positions.into_iter().filter(|p| *p > f.after) {
                     if !consider(p)? {
@@ -266,6 +252,32 @@ impl KvStore {
             }
         }
         Ok(lo)
+    }
+}
+
+/// The index a listing walks: the most selective one for its filters
+/// (the other filters are checked per item), in the store and in the
+/// staged chunks alike.
+enum Scan {
+    /// Subject and predicate: the pair index.
+    Pair(Vec<u8>),
+    /// One name index (subject, agent or predicate), its key, and the
+    /// same index's rows in a staged chunk.
+    Name(TableDefinition<'static, &'static [u8], ()>, Vec<u8>, fn(&Chunk) -> &Vec<Vec<u8>>),
+    /// No filter: the log table.
+    Log,
+}
+
+impl Scan {
+    fn for_filter(f: &ListFilter) -> Scan {
+        let name = |def, key: &String, rows| Scan::Name(def, key.as_bytes().to_vec(), rows);
+        match (&f.subject, &f.predicate, &f.agent) {
+            (Some(s), Some(p), _) => Scan::Pair(pair_key(s, p)),
+            (Some(s), None, _) => name(BY_SUBJECT, s, |c| &c.subject_rows),
+            (None, _, Some(a)) => name(BY_AGENT, a, |c| &c.agent_rows),
+            (None, Some(p), None) => name(BY_PREDICATE, p, |c| &c.predicate_rows),
+            (None, None, None) => Scan::Log,
+        }
     }
 }
 
