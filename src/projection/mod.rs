@@ -5,7 +5,9 @@
 //! position) in the same transaction as its data, so a crash can neither
 //! apply an event twice nor skip one. [`worker`] runs one thread per
 //! projection: catch up from the checkpoint, then follow the committed
-//! position broadcast, applying events in batches (one transaction each).
+//! position broadcast, applying events in batches. kv and lenses stage
+//! each batch in memory, where readers see it at once, and [`staged`]'s
+//! committer thread writes it with the checkpoint behind them.
 //!
 //! Projections know the log and the model, never HTTP. Stores:
 //! [`kv`] (assertions by id, by subject/predicate/agent, history) and
@@ -129,8 +131,9 @@ pub(crate) fn approx_bytes(a: &crate::model::Assertion) -> usize {
 }
 
 /// Applies the log to a fresh store that nobody reads yet (an offline or
-/// shadow rebuild). A store's `apply` must commit every batch, because
-/// readers see each commit, and updates rows in place; a bulk load instead
+/// shadow rebuild). A store's `apply` writes every batch's rows (in place,
+/// several batches per commit at most), because readers see each batch;
+/// a bulk load instead
 /// sorts the whole log's rows (an external sort within
 /// [`BULK_BUFFER_BYTES`] of memory) and appends every table in key order
 /// in one transaction, which is what makes a rebuild fast. The rows
@@ -160,10 +163,10 @@ pub trait Projection: Send + Sync + 'static {
     fn checkpoint(&self) -> Result<u64, ProjectionError>;
 
     /// Applies `records` (consecutive, starting right after the last
-    /// applied one) and returns the position now visible to readers. A
-    /// transactional store commits them with the checkpoint and returns the
-    /// last position; a store that commits on a cadence (search) may return
-    /// an older one.
+    /// applied one) and returns the position now visible to readers. kv
+    /// and lenses stage them (visible at once, written behind) and return
+    /// the last position; a store that commits on a cadence (search) may
+    /// return an older one.
     fn apply(&self, records: &[LogRecord]) -> Result<u64, ProjectionError>;
 
     /// Makes everything applied so far visible and durable; returns the
