@@ -355,7 +355,12 @@ impl SearchStore {
         if !clauses.iter().any(|(o, _)| *o == Occur::Must) {
             clauses.push((Occur::Must, Box::new(AllQuery)));
         }
-        let query = BooleanQuery::new(clauses);
+        // A lone clause is searched as itself, not wrapped: a word or words
+        // keep their specialized weights (block-max pruning in `TopNewest`).
+        let query: Box<dyn Query> = match clauses.len() {
+            1 => clauses.pop().map(|(_, q)| q).unwrap_or_else(|| Box::new(AllQuery)),
+            _ => Box::new(BooleanQuery::new(clauses)),
+        };
         let want = req.limit.clamp(1, MAX_LIMIT) + 1;
         // The total is counted in the same pass; the first page's count is
         // what the cursor carries to later pages.
@@ -365,7 +370,7 @@ impl SearchStore {
             Sort::Confidence => Rank::Confidence,
         };
         let (ranked, counted) =
-            searcher.search(&query, &TopNewest::new(self.columns.clone(), rank, want, offset).within(within)).map_err(store_err)?;
+            searcher.search(query.as_ref(), &TopNewest::new(self.columns.clone(), rank, want, offset).within(within)).map_err(store_err)?;
         let scored: Vec<(f32, DocAddress)> =
             ranked.into_iter().map(|r| (if rank == Rank::Score { r.key as f32 } else { 0.0 }, r.address)).collect();
         let total = match &req.cursor {

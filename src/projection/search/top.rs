@@ -185,8 +185,13 @@ impl Collector for TopNewest {
         self.rank == Rank::Score
     }
 
-    /// Like tantivy's own loop, except that a match is scored only once it
-    /// has passed the filters: `q=dose&tier=clinical` scores the fifth of
+    /// Two loops. Relevance with no filter but visibility prunes: tantivy's
+    /// block-max WAND skips the blocks of postings whose best possible
+    /// score cannot enter the page, and the count is a separate pass that
+    /// never scores (for a single word on a segment without deletions or
+    /// hidden documents, the word's document frequency). Otherwise, like
+    /// tantivy's own loop, except that a match is scored only once it has
+    /// passed the filters: `q=dose&tier=clinical` scores the fifth of
     /// `dose`'s matches that are clinical, not all of them.
     fn collect_segment(
         &self,
@@ -196,7 +201,24 @@ impl Collector for TopNewest {
     ) -> tantivy::Result<(Vec<Ranked>, usize)> {
         let mut top = self.for_segment(segment, reader)?;
         let alive = reader.alive_bitset();
-        if self.requires_scoring() {
+        if self.requires_scoring() && top.filters.iter().all(|f| matches!(f, SegmentWithin::Visible)) {
+            let count = if top.filters.is_empty() {
+                weight.count(reader)? as usize
+            } else {
+                let mut count = 0;
+                weight.for_each_no_score(reader, &mut |docs| {
+                    count += docs.iter().filter(|&&doc| alive.is_none_or(|a| a.is_alive(doc)) && top.accepts(doc)).count();
+                })?;
+                count
+            };
+            weight.for_each_pruning(Score::MIN, reader, &mut |doc, score| {
+                if alive.is_none_or(|a| a.is_alive(doc)) && top.accepts(doc) {
+                    top.consider(doc, f64::from(score));
+                }
+                top.threshold()
+            })?;
+            top.count = count;
+        } else if self.requires_scoring() {
             let mut scorer = weight.scorer(reader, 1.0)?;
             let mut doc = scorer.doc();
             while doc != TERMINATED {
@@ -239,6 +261,23 @@ impl SegmentTop {
     #[inline]
     fn offer(&mut self, doc: DocId, score: f64) {
         self.count += 1;
+        self.consider(doc, score);
+    }
+
+    /// The score a match must exceed to be offered by a pruning loop: just
+    /// below the page's worst, so that an equal score can still win on
+    /// its newer position.
+    fn threshold(&self) -> Score {
+        match self.heap.peek() {
+            Some(Reverse(worst)) if self.heap.len() >= self.keep => (worst.key as Score).next_down(),
+            _ => Score::MIN,
+        }
+    }
+
+    /// Keeps a match that passed the filters if it can enter the page,
+    /// without counting it.
+    #[inline]
+    fn consider(&mut self, doc: DocId, score: f64) {
         let key = match self.rank {
             Rank::Score => score,
             Rank::Confidence => self.cols.confidence.get(doc as usize).copied().filter(|v| !v.is_nan()).unwrap_or(0.0),
@@ -368,12 +407,22 @@ mod tests {
                 writer.commit().expect("commit"); // several segments
             }
         }
+        // Deleted documents (an updated document's old version) never
+        // match or count.
+        for p in (5..=600u64).step_by(37) {
+            writer.delete_term(Term::from_field_u64(position, p));
+        }
         writer.commit().expect("commit");
         let searcher = index.reader().expect("reader").searcher();
         assert!(searcher.segment_readers().len() > 1);
         let parser = QueryParser::for_index(&index, vec![text]);
-        let queries: Vec<Box<dyn Query>> =
-            vec![Box::new(AllQuery), parser.parse_query("dose").expect("q"), parser.parse_query("liver OR renal").expect("q")];
+        let queries: Vec<Box<dyn Query>> = vec![
+            Box::new(AllQuery),
+            parser.parse_query("dose").expect("q"),
+            parser.parse_query("liver OR renal").expect("q"),
+            // Words that must all match: pruned as an intersection.
+            parser.parse_query("+dose +trial").expect("q"),
+        ];
         let filter_sets = [
             vec![],
             vec![Within::Confidence(Some(0.25), Some(0.75))],
