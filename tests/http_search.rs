@@ -116,6 +116,14 @@ async fn relevance_and_every_filter() {
     // Subject/predicate words are searchable too, and entity values.
     assert_eq!(set(&env.ok(pe, &[("q", "hidalgo")]).await), BTreeSet::from([idd.clone()]));
     assert_eq!(env.ok(pe, &[("q", "aspirin")]).await["total"], 3);
+    // Words are looked up across the subject, the predicate and the object
+    // together: each may come from another part of the assertion.
+    assert_eq!(ids(&env.ok(pe, &[("q", "aspirin gastric")]).await), vec![ida.clone()]);
+    assert_eq!(set(&env.ok(pe, &[("q", "dose")]).await), BTreeSet::from([ida.clone(), idc.clone()]));
+    // One part alone, by its field.
+    assert_eq!(env.ok(pe, &[("q", "subject_text:aspirin")]).await["total"], 3);
+    assert_eq!(env.ok(pe, &[("q", "object_text:aspirin")]).await["total"], 0);
+    assert_eq!(set(&env.ok(pe, &[("q", "predicate_text:dose")]).await), BTreeSet::from([idc.clone()]));
     // Field syntax of tantivy.
     assert_eq!(set(&env.ok(pe, &[("q", "agent:agent-b")]).await), BTreeSet::from([idb.clone(), ide.clone()]));
 
