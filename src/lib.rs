@@ -12,7 +12,7 @@
 //!   recovery, readers and verification. It knows nothing above it.
 //!
 //! Around them: [`config`] (flags and environment), [`telemetry`] (logs and
-//! metrics), [`cli`] (subcommands), [`bench`] (load tools) and `sort` (the
+//! metrics), [`priority`] (background threads yield the CPU), [`cli`] (subcommands), [`bench`] (load tools) and `sort` (the
 //! external merge sort with which rebuilds build stores by appends).
 
 pub mod archive;
@@ -23,6 +23,7 @@ pub mod http;
 pub mod ingest;
 pub mod lens;
 pub mod model;
+pub mod priority;
 pub mod projection;
 pub(crate) mod sort;
 pub mod telemetry;

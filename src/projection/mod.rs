@@ -187,6 +187,14 @@ pub trait Projection: Send + Sync + 'static {
         None
     }
 
+    /// Whether the worker runs at background CPU priority
+    /// ([`crate::priority`]). True for a store whose readers wait for its
+    /// commits on a cadence anyway (search), so that its indexing yields
+    /// the cores to writes and to the stores readers see at once.
+    fn background(&self) -> bool {
+        false
+    }
+
     /// Visits every stored row, table by table in a fixed order and keys
     /// in order, from one consistent snapshot; returns that snapshot's
     /// checkpoint. Verification compares two stores through this, so two

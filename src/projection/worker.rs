@@ -59,7 +59,11 @@ impl Worker {
         let (tx, rx) = watch::channel(start);
         let failed = Arc::new(AtomicBool::new(false));
         let f = failed.clone();
+        let background = slot.load().background();
         let thread = std::thread::Builder::new().name(format!("proj-{name}")).spawn(move || {
+            if background {
+                crate::priority::lower_current_thread();
+            }
             match tokio::runtime::Builder::new_current_thread().enable_time().build() {
                 Ok(rt) => run(slot, feed, tx, f, batch, &rt),
                 Err(e) => tracing::error!(projection = name, error = %e, "cannot start the worker's timer runtime"),

@@ -142,29 +142,37 @@ impl SearchStore {
             Ok(f) => (f, true),
             Err(_) => (Fields::of(&schema::schema(&def.tokenizer)).map_err(e)?, false),
         };
-        let mut writer = index.writer_with_num_threads(def.writer_threads, def.writer_memory).map_err(e)?;
         let payload = match index.load_metas().map_err(e)?.payload {
             Some(p) => Some(serde_json::from_str::<Payload>(&p).map_err(|x| e(format!("unreadable commit payload {p:?}: {x}")))?),
             None => None,
         };
-        let payload = match payload {
-            Some(p) => p,
-            None => {
-                // A new index: record the definition it is built with.
-                let p = Payload { position: 0, definition: def.hash.clone() };
+        // tantivy's indexing, merge and segment threads inherit the CPU
+        // priority of the thread that starts them (the writer starts them,
+        // and each commit restarts the indexing threads): start them in
+        // the background (`crate::priority`).
+        let (writer, payload) = crate::priority::in_background(|| {
+            let mut writer = index.writer_with_num_threads(def.writer_threads, def.writer_memory).map_err(e)?;
+            let payload = match payload {
+                Some(p) => p,
+                None => {
+                    // A new index: record the definition it is built with.
+                    let p = Payload { position: 0, definition: def.hash.clone() };
+                    let mut c = writer.prepare_commit().map_err(e)?;
+                    c.set_payload(&serde_json::to_string(&p).map_err(e)?);
+                    c.commit().map_err(e)?;
+                    p
+                }
+            };
+            if index.searchable_segment_ids().map_err(e)?.len() > 8 {
+                // Left unmerged (a rebuild installed before its merges ran):
+                // an empty commit with the same payload lets tantivy merge.
                 let mut c = writer.prepare_commit().map_err(e)?;
-                c.set_payload(&serde_json::to_string(&p).map_err(e)?);
+                c.set_payload(&serde_json::to_string(&payload).map_err(e)?);
                 c.commit().map_err(e)?;
-                p
             }
-        };
-        if index.searchable_segment_ids().map_err(e)?.len() > 8 {
-            // Left unmerged (a rebuild installed before its merges ran): an
-            // empty commit with the same payload lets tantivy merge.
-            let mut c = writer.prepare_commit().map_err(e)?;
-            c.set_payload(&serde_json::to_string(&payload).map_err(e)?);
-            c.commit().map_err(e)?;
-        }
+            Ok::<_, ProjectionError>((writer, payload))
+        })
+        .map_err(|_| e("starting the index writer panicked"))??;
         let columns = Arc::new(columns::ColumnCache::default());
         let warmer: Weak<dyn tantivy::Warmer> = Arc::downgrade(&columns) as Weak<dyn tantivy::Warmer>;
         let reader: IndexReader =
@@ -373,6 +381,12 @@ impl Projection for SearchStore {
 
     fn idle_flush(&self) -> Option<Duration> {
         Some(self.def.commit_interval)
+    }
+
+    /// Searches see documents at commits on a cadence, not at once, so
+    /// indexing yields the cores to writes and to kv and lenses.
+    fn background(&self) -> bool {
+        true
     }
 
     /// One row per document: table 0, key = hex id, value = the stored
