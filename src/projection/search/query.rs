@@ -352,6 +352,7 @@ impl SearchStore {
                 }
             }
         }
+        let every_document = clauses.is_empty();
         if !clauses.iter().any(|(o, _)| *o == Occur::Must) {
             clauses.push((Occur::Must, Box::new(AllQuery)));
         }
@@ -369,8 +370,9 @@ impl SearchStore {
             Sort::Recent => Rank::Position,
             Sort::Confidence => Rank::Confidence,
         };
-        let (ranked, counted) =
-            searcher.search(query.as_ref(), &TopNewest::new(self.columns.clone(), rank, want, offset).within(within)).map_err(store_err)?;
+        let (ranked, counted) = searcher
+            .search(query.as_ref(), &TopNewest::new(self.columns.clone(), rank, want, offset).within(within).every_document(every_document))
+            .map_err(store_err)?;
         let scored: Vec<(f32, DocAddress)> =
             ranked.into_iter().map(|r| (if rank == Rank::Score { r.key as f32 } else { 0.0 }, r.address)).collect();
         let total = match &req.cursor {

@@ -132,18 +132,28 @@ pub struct TopNewest {
     keep: usize,
     offset: usize,
     filters: Vec<Within>,
+    every_document: bool,
 }
 
 impl TopNewest {
     /// A page of `limit` hits after skipping the best `offset`, reading
     /// attributes from `columns`.
     pub fn new(columns: Arc<ColumnCache>, rank: Rank, limit: usize, offset: usize) -> TopNewest {
-        TopNewest { columns, rank, keep: limit.saturating_add(offset).max(1), offset, filters: Vec::new() }
+        TopNewest { columns, rank, keep: limit.saturating_add(offset).max(1), offset, filters: Vec::new(), every_document: false }
     }
 
     /// Only documents inside every one of `filters` match (and count).
     pub fn within(mut self, filters: Vec<Within>) -> TopNewest {
         self.filters = filters;
+        self
+    }
+
+    /// Says that the query matches every document (it has no clause but
+    /// `filters`): a segment is then read straight from its arrays, doc by
+    /// doc, instead of through a query's posting iterator and callbacks.
+    /// `GET /v1/search` (newest first, nothing else) is such a search.
+    pub fn every_document(mut self, yes: bool) -> TopNewest {
+        self.every_document = yes;
         self
     }
 }
@@ -227,6 +237,17 @@ impl Collector for TopNewest {
                     top.offer(doc, f64::from(score));
                 }
                 doc = scorer.advance();
+            }
+        } else if self.every_document {
+            // Newest last: documents are added in log order, so walking
+            // backwards fills the page with the newest first and every
+            // later one is turned away by one comparison (walking forwards,
+            // each one displaced the page's oldest: 8 ms for 1M instead of
+            // ~1 ms).
+            for doc in (0..reader.max_doc()).rev() {
+                if alive.is_none_or(|a| a.is_alive(doc)) && top.accepts(doc) {
+                    top.offer(doc, 0.0);
+                }
             }
         } else {
             weight.for_each_no_score(reader, &mut |docs| {
@@ -438,12 +459,18 @@ mod tests {
             for rank in [Rank::Score, Rank::Confidence, Rank::Position] {
                 for (limit, offset) in [(1, 0), (7, 0), (7, 7), (20, 35), (1000, 0)] {
                     for filters in &filter_sets {
-                        let top = TopNewest::new(columns.clone(), rank, limit, offset).within(filters.clone());
-                        let (hits, count) = searcher.search(query.as_ref(), &top).expect("search");
-                        let got: Vec<(u64, u64)> = hits.iter().map(|h| (h.key.to_bits(), h.position)).collect();
                         let (want, n) = naive(&searcher, query.as_ref(), rank, limit, offset, filters);
-                        assert_eq!(count, n, "{rank:?} count {filters:?}");
-                        assert_eq!(got, want, "{rank:?} limit {limit} offset {offset} {filters:?}");
+                        // The query matches every document: also read
+                        // straight from the arrays.
+                        let every = query.as_any().is::<AllQuery>();
+                        for every_document in [false, every] {
+                            let top =
+                                TopNewest::new(columns.clone(), rank, limit, offset).within(filters.clone()).every_document(every_document);
+                            let (hits, count) = searcher.search(query.as_ref(), &top).expect("search");
+                            let got: Vec<(u64, u64)> = hits.iter().map(|h| (h.key.to_bits(), h.position)).collect();
+                            assert_eq!(count, n, "{rank:?} count {filters:?} {every_document}");
+                            assert_eq!(got, want, "{rank:?} limit {limit} offset {offset} {filters:?} {every_document}");
+                        }
                     }
                 }
             }
