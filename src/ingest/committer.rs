@@ -161,12 +161,7 @@ impl Ingest {
         let max_group = opts.max_group_events;
         let handle = index.handle();
         let (itx, irx) = std::sync::mpsc::channel();
-        let indexer = std::thread::Builder::new().name("id-indexer".into()).spawn(move || {
-            // Writes check ids the indexer has not reached in memory, so
-            // it may trail: it yields the CPU to the write path.
-            crate::priority::lower_current_thread();
-            run_indexer(index, irx)
-        })?;
+        let indexer = std::thread::Builder::new().name("id-indexer".into()).spawn(move || run_indexer(index, irx))?;
         let thread = std::thread::Builder::new().name("wal-committer".into()).spawn(move || {
             run(writer, handle, itx, rx, c, btx, max_group, f);
             // The committer dropped its sender: the indexer drains and flushes.

@@ -165,11 +165,7 @@ impl<C: Chunk> Staged<C> {
         let s = shared.clone();
         let committer = std::thread::Builder::new()
             .name(format!("commit-{name}"))
-            .spawn(move || {
-                // Nobody waits for a commit: readers see staged chunks.
-                crate::priority::lower_current_thread();
-                commit_loop(name, &s, sync_every, write, sync)
-            })
+            .spawn(move || commit_loop(name, &s, sync_every, write, sync))
             .map_err(|e| ProjectionError { projection: name, message: format!("cannot start the committer thread: {e}") })?;
         Ok(Staged { shared, committer: Some(committer) })
     }
