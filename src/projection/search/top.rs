@@ -1,4 +1,4 @@
-//! One pass that finds a page of best hits and counts every match.
+//! Finds a page of best hits and counts every match.
 //!
 //! Every sort order ranks by a key and breaks ties by the newest log
 //! position. tantivy's `TopDocs` can tweak scores into such pairs, but then
@@ -7,6 +7,9 @@
 //! document's position is read only when its key could still enter the
 //! page (rarely, once the page is full), and the count is a field of the
 //! same collector. On a million documents this is most of a search's cost.
+//! Relevance without attribute filters is the exception: there tantivy's
+//! block-max WAND skips what cannot enter the page, and the exact count is
+//! a second pass that never scores (see [`TopNewest::collect_segment`]).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -240,10 +243,10 @@ impl Collector for TopNewest {
             }
         } else if self.every_document {
             // Newest last: documents are added in log order, so walking
-            // backwards fills the page with the newest first and every
-            // later one is turned away by one comparison (walking forwards,
-            // each one displaced the page's oldest: 8 ms for 1M instead of
-            // ~1 ms).
+            // backwards fills the page with the newest first and later ones
+            // are turned away by one comparison (walking forwards, each one
+            // displaced the page's oldest: 8.0 ms for 1M documents against
+            // 5.2 ms backwards).
             for doc in (0..reader.max_doc()).rev() {
                 if alive.is_none_or(|a| a.is_alive(doc)) && top.accepts(doc) {
                     top.offer(doc, 0.0);
