@@ -12,8 +12,9 @@
 //!   recovery, readers and verification. It knows nothing above it.
 //!
 //! Around them: [`config`] (flags and environment), [`telemetry`] (logs and
-//! metrics), [`priority`] (background threads yield the CPU), [`cli`] (subcommands), [`bench`] (load tools) and `sort` (the
-//! external merge sort with which rebuilds build stores by appends).
+//! metrics), [`priority`] (the search index yields the CPU), [`cli`]
+//! (subcommands), [`bench`](mod@bench) (load tools) and `sort` (the external
+//! merge sort with which rebuilds build stores by appends).
 
 pub mod archive;
 pub mod bench;

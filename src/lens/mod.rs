@@ -1,7 +1,7 @@
 //! Lenses: pure functions that resolve the live claims of one
 //! `(subject, predicate)` into an answer.
 //!
-//! Nothing here does I/O. The `lenses` projection calls [`resolve`] to
+//! Nothing here does I/O. The `lenses` projection calls [`resolve`](fn@resolve) to
 //! materialize answers as events arrive; the read path calls it again for
 //! `as_of` and `decay` queries over entries it rebuilt from the KV view.
 //! One implementation serves both, so materialized and on-demand answers

@@ -2,7 +2,7 @@
 //!
 //! RFC 3339 allows many spellings of one instant (`Z` or `+00:00`, offsets,
 //! trailing zeros). Ids must not depend on the spelling, so every time is
-//! normalized to UTC and printed with [`format`] before it is hashed, stored
+//! normalized to UTC and printed with [`format`](fn@format) before it is hashed, stored
 //! or returned.
 
 use chrono::{DateTime, SecondsFormat, Utc};

@@ -6,7 +6,7 @@
 //! apply an event twice nor skip one. [`worker`] runs one thread per
 //! projection: catch up from the checkpoint, then follow the committed
 //! position broadcast, applying events in batches. kv and lenses stage
-//! each batch in memory, where readers see it at once, and [`staged`]'s
+//! each batch in memory, where readers see it at once, and `staged`'s
 //! committer thread writes it with the checkpoint behind them.
 //!
 //! Projections know the log and the model, never HTTP. Stores:
@@ -47,7 +47,7 @@ pub const STORE_CACHE_BYTES: usize = 256 * 1024 * 1024;
 /// How often a live store's commit is made durable (fsynced) unless
 /// `serve` says otherwise (`STEMEDB_PROJECTION_SYNC_INTERVAL`). The commit
 /// that syncs writes every page the commits since the last one copied; it
-/// runs on the store's committer thread (see [`staged`]), so readers never
+/// runs on the store's committer thread (see `staged`), so readers never
 /// wait for it; its fsync shares the disk with the WAL's, which every
 /// acknowledgement waits for, so fewer is better (at 2,000 writes/s,
 /// 1 s gave a lower write → visible p99 than 100 ms). The interval bounds

@@ -4,7 +4,7 @@
 //! one while the live stores keep serving and following the log; once the
 //! shadow is within one batch of the head it is handed to the slot's
 //! worker, which catches it up and swaps it in atomically (see
-//! [`Slot`](super::slot::Slot)). Offline, the same replay runs with the
+//! [`Slot`]). Offline, the same replay runs with the
 //! server stopped and the finished store is renamed over the old one.
 //! Either way an interrupted rebuild leaves the old store untouched; its
 //! partial shadow is removed on the next start or run.
