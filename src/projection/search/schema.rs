@@ -18,10 +18,8 @@ use crate::projection::kv::StoredAssertion;
 pub const DEFAULT_SEARCH_TOML: &str = include_str!("../../../projections/search.toml");
 
 /// Version of the document layout below; part of the definition hash, so a
-/// change of layout in a new release marks old indexes stale. Version 3
-/// added the catch-all `text` field (2 was an experiment with it that was
-/// never released).
-const LAYOUT_VERSION: u32 = 3;
+/// change of layout in a new release marks old indexes stale.
+const LAYOUT_VERSION: u32 = 1;
 
 /// Tokenizers a definition may name (all built into tantivy).
 pub const TOKENIZERS: [&str; 4] = ["en_stem", "default", "whitespace", "raw"];
@@ -157,13 +155,6 @@ pub struct Fields {
     pub predicate_text: Field,
     /// Text and entity objects, tokenized.
     pub object_text: Field,
-    /// Subject, predicate and object text together, tokenized: what `q`
-    /// searches when it names no field. One posting list per word, instead
-    /// of a union over three fields, is what lets tantivy prune a
-    /// relevance search (block-max WAND over a word, an intersection of
-    /// words, or a union) and count a word's matches from its document
-    /// frequency.
-    pub text: Field,
     /// Object type name.
     pub object_type: Field,
     /// Number and integer objects as f64.
@@ -202,7 +193,7 @@ pub struct Fields {
 }
 
 /// Fields searched by `q` when it names none.
-pub const DEFAULT_TEXT_FIELDS: [&str; 1] = ["text"];
+pub const DEFAULT_TEXT_FIELDS: [&str; 3] = ["subject_text", "predicate_text", "object_text"];
 
 /// The schema for `tokenizer`.
 pub fn schema(tokenizer: &str) -> Schema {
@@ -217,8 +208,7 @@ pub fn schema(tokenizer: &str) -> Schema {
     b.add_text_field("subject_text", text.clone());
     b.add_text_field("predicate", STRING);
     b.add_text_field("predicate_text", text.clone());
-    b.add_text_field("object_text", text.clone());
-    b.add_text_field("text", text);
+    b.add_text_field("object_text", text);
     b.add_text_field("object_type", STRING);
     b.add_f64_field("object_number", num.clone());
     b.add_i64_field("object_integer", num.clone());
@@ -250,7 +240,6 @@ impl Fields {
             predicate: f("predicate")?,
             predicate_text: f("predicate_text")?,
             object_text: f("object_text")?,
-            text: f("text")?,
             object_type: f("object_type")?,
             object_number: f("object_number")?,
             object_integer: f("object_integer")?,
@@ -278,16 +267,11 @@ impl Fields {
         d.add_text(self.id, id.to_hex());
         d.add_text(self.subject, &a.subject);
         d.add_text(self.subject_text, &a.subject);
-        d.add_text(self.text, &a.subject);
         d.add_text(self.predicate, &a.predicate);
         d.add_text(self.predicate_text, &a.predicate);
-        d.add_text(self.text, &a.predicate);
         d.add_text(self.object_type, a.object.type_name());
         match &a.object {
-            Object::Text(t) => {
-                d.add_text(self.object_text, t);
-                d.add_text(self.text, t);
-            }
+            Object::Text(t) => d.add_text(self.object_text, t),
             Object::Number(n) => d.add_f64(self.object_number, *n),
             Object::Integer(i) => {
                 d.add_i64(self.object_integer, *i);
@@ -297,7 +281,6 @@ impl Fields {
             Object::Entity(e) => {
                 d.add_text(self.object_entity, e);
                 d.add_text(self.object_text, e);
-                d.add_text(self.text, e);
             }
             Object::Time(t) => d.add_date(self.object_time, date(t)),
         }
