@@ -423,7 +423,7 @@ mod tests {
     use super::*;
 
     /// An index written by an earlier release (here: one without the
-    /// catch-all `text` field) opens as stale, is never written to, and
+    /// field of this layout) opens as stale, is never written to, and
     /// reports the definition it was built with, so that a rebuild can
     /// replace it.
     #[test]

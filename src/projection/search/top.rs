@@ -7,9 +7,10 @@
 //! document's position is read only when its key could still enter the
 //! page (rarely, once the page is full), and the count is a field of the
 //! same collector. On a million documents this is most of a search's cost.
-//! Relevance without attribute filters is the exception: there tantivy's
-//! block-max WAND skips what cannot enter the page, and the exact count is
-//! a second pass that never scores (see [`TopNewest::collect_segment`]).
+//! Relevance without attribute filters is the exception: there tantivy
+//! prunes what cannot enter the page (block-max WAND where the query's
+//! shape allows), and the exact count is a second pass that never scores
+//! (see [`TopNewest::collect_segment`]).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -198,11 +199,14 @@ impl Collector for TopNewest {
         self.rank == Rank::Score
     }
 
-    /// Two loops. Relevance with no filter but visibility prunes: tantivy's
-    /// block-max WAND skips the blocks of postings whose best possible
-    /// score cannot enter the page, and the count is a separate pass that
-    /// never scores (for a single word on a segment without deletions or
-    /// hidden documents, the word's document frequency). Otherwise, like
+    /// Two loops. Relevance with no filter but visibility prunes through
+    /// tantivy's `for_each_pruning`: where the query's shape allows it (one
+    /// word, a union of its fields' posting lists; `a OR b`), block-max
+    /// WAND skips the blocks of postings whose best possible score cannot
+    /// enter the page; elsewhere matches below the page are at least never
+    /// offered. The count is then a separate pass that never scores (for a
+    /// term on a segment without deletions or hidden documents, its
+    /// document frequency). Otherwise, like
     /// tantivy's own loop, except that a match is scored only once it has
     /// passed the filters: `q=dose&tier=clinical` scores the fifth of
     /// `dose`'s matches that are clinical, not all of them.
