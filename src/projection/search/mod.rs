@@ -422,8 +422,8 @@ mod tests {
 
     use super::*;
 
-    /// An index written by an earlier release (here: one without the
-    /// field of this layout) opens as stale, is never written to, and
+    /// An index written by an earlier release (here: one that lacks the
+    /// fields of this layout) opens as stale, is never written to, and
     /// reports the definition it was built with, so that a rebuild can
     /// replace it.
     #[test]
