@@ -76,15 +76,14 @@ fn lower_by(levels: i32) {
 #[cfg(not(target_os = "linux"))]
 fn lower_by(_levels: i32) {}
 
-/// The calling thread's nice value (for tests and diagnostics).
-#[cfg(target_os = "linux")]
-pub fn current_nice() -> Option<i32> {
-    rustix::process::getpriority_process(None).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    fn current_nice() -> Option<i32> {
+        rustix::process::getpriority_process(None).ok()
+    }
 
     /// Lowering one thread leaves its creator alone, and a thread it
     /// starts afterwards inherits the lower priority.
