@@ -363,7 +363,8 @@ impl SearchStore {
             _ => Box::new(BooleanQuery::new(clauses)),
         };
         let want = req.limit.clamp(1, MAX_LIMIT) + 1;
-        // The total is counted in the same pass; the first page's count is
+        // The total is counted by the collector (beside the page, or in a
+        // pass of its own when relevance prunes); the first page's count is
         // what the cursor carries to later pages.
         let rank = match sort {
             Sort::Relevance => Rank::Score,

@@ -206,10 +206,10 @@ impl Collector for TopNewest {
     /// enter the page; elsewhere matches below the page are at least never
     /// offered. The count is then a separate pass that never scores (for a
     /// term on a segment without deletions or hidden documents, its
-    /// document frequency). Otherwise, like
-    /// tantivy's own loop, except that a match is scored only once it has
-    /// passed the filters: `q=dose&tier=clinical` scores the fifth of
-    /// `dose`'s matches that are clinical, not all of them.
+    /// document frequency). Otherwise, like tantivy's own loop, except that
+    /// a match is scored only once it has passed the filters:
+    /// `q=dose&tier=clinical` scores the fifth of `dose`'s matches that are
+    /// clinical, not all of them.
     fn collect_segment(
         &self,
         weight: &dyn Weight,
