@@ -227,7 +227,7 @@ impl<K, V> Drop for Merge<K, V> {
 /// distinct keys are sorted when the buffer is spilled or finished. Memory
 /// is bounded by the budget exactly as a [`Sorter`]'s is.
 pub(crate) struct Grouper<V> {
-    groups: std::collections::HashMap<Vec<u8>, Vec<V>>,
+    groups: std::collections::HashMap<Vec<u8>, Vec<V>, foldhash::fast::RandomState>,
     bytes: usize,
     budget: usize,
     sorted: Sorter<serde_bytes::ByteBuf, Vec<V>>,
@@ -243,9 +243,15 @@ where
         Grouper { groups: Default::default(), bytes: 0, budget: budget.max(1), sorted: Sorter::new(dir, name, usize::MAX) }
     }
 
-    /// Adds `value` to the group of `key`.
+    /// Adds `value`, which owns nothing on the heap, to the group of `key`.
     pub(crate) fn push(&mut self, key: &[u8], value: V) -> std::io::Result<()> {
-        self.bytes += std::mem::size_of::<V>();
+        self.push_sized(key, value, std::mem::size_of::<V>())
+    }
+
+    /// Adds `value`, whose inline and heap size is about `bytes`, to the
+    /// group of `key`.
+    pub(crate) fn push_sized(&mut self, key: &[u8], value: V, bytes: usize) -> std::io::Result<()> {
+        self.bytes += bytes;
         match self.groups.get_mut(key) {
             Some(values) => values.push(value),
             None => {

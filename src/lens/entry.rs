@@ -46,7 +46,7 @@ pub struct Recorded {
     /// Its log position.
     pub position: u64,
     /// Its valid time, or its `recorded_at` when none was given.
-    #[serde(with = "crate::model::time::serde_normal")]
+    #[serde(with = "crate::model::time::serde_spill")]
     pub valid_time: DateTime<Utc>,
     /// Confidence with the default applied.
     pub confidence: f64,

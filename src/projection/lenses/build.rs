@@ -4,21 +4,22 @@
 //! set, applies a batch and writes it back; over a whole log that rewrites
 //! a popular pair once per batch and, because pairs are spread uniformly
 //! over the key space, nearly every leaf of the tree once per transaction.
-//! A fresh store does not need any of that: every event is sorted by
-//! `(pair, position)` with an external [`Sorter`], then each pair's events
-//! are replayed once into its live set and the pair is appended in key
-//! order, so each page is written once.
+//! A fresh store does not need any of that: every recorded assertion is
+//! gathered by pair with a [`Grouper`] (which keeps each pair's in log
+//! order and sorts only the distinct pairs, not every row), then each
+//! pair's events are replayed once into its live set and the pair is
+//! appended in key order, so each page is written once.
 //!
 //! A retraction names an assertion id, not a pair: its pair is found by
 //! merging the retractions, sorted by id, with the `owners` rows (id →
 //! pair), which are sorted by id anyway to be appended to their table.
-//! Rows are those the incremental path writes, so verification cannot
-//! tell how a store was built.
+//! The routed retractions are sorted by `(pair, position)` and merged into
+//! each pair's records as it is replayed. Rows are those the incremental
+//! path writes, so verification cannot tell how a store was built.
 
 use std::ops::Bound;
 
 use redb::ReadableTable;
-use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::{LensStore, META, OWNERS, PAIRS, e};
@@ -26,22 +27,15 @@ use crate::lens::{Definitions, LiveSet, Recorded};
 use crate::model::{AssertionId, Event, LogRecord};
 use crate::projection::chunked::Chunked;
 use crate::projection::{BulkLoad, ProjectionError, check_continues, pair_key};
-use crate::sort::{Merge, Sorter};
-
-/// One change to a pair's live set, sorted by `(pair, position)`.
-#[derive(Serialize, Deserialize)]
-enum Change {
-    Record(Recorded),
-    Retract(AssertionId),
-}
+use crate::sort::{Grouper, Groups, Merge, Sorter};
 
 /// A bulk load of an empty [`LensStore`]: see the module documentation.
 pub(super) struct SortedBuild<'a> {
     store: &'a LensStore,
     first: Option<u64>,
     last: u64,
-    /// (pair, position) → change.
-    changes: Sorter<(ByteBuf, u64), Change>,
+    /// pair → its recorded assertions, in log order.
+    records: Grouper<Recorded>,
     /// id → (position, pair) of every recorded assertion.
     owners: Sorter<AssertionId, (u64, ByteBuf)>,
     /// (id, position) of every retraction.
@@ -57,8 +51,8 @@ impl<'a> SortedBuild<'a> {
             store,
             first: None,
             last: 0,
-            // Changes carry the bulk of the data; owners are small rows.
-            changes: Sorter::new(&dir, "changes", budget / 4 * 3),
+            // Records carry the bulk of the data; owners are small rows.
+            records: Grouper::new(&dir, "records", budget / 4 * 3),
             owners: Sorter::new(&dir, "owners", budget / 4),
             retractions: Sorter::new(&dir, "retractions", budget / 8),
         }
@@ -78,10 +72,10 @@ impl BulkLoad for SortedBuild<'_> {
             match &r.event {
                 Event::AssertionRecorded { id, assertion: a } => {
                     let pk = pair_key(&a.subject, &a.predicate);
-                    let bytes = 160 + 2 * pk.len() + a.agent.len() + crate::projection::approx_bytes(a) / 2;
-                    self.owners.push(*id, (r.position, ByteBuf::from(pk.clone())), 96 + pk.len()).map_err(io)?;
-                    let change = Change::Record(Recorded::of(*id, r.position, r.recorded_at, a));
-                    self.changes.push((ByteBuf::from(pk), r.position), change, bytes).map_err(io)?;
+                    let bytes = std::mem::size_of::<Recorded>() + a.agent.len() + crate::projection::approx_bytes(a) / 2;
+                    self.records.push_sized(&pk, Recorded::of(*id, r.position, r.recorded_at, a), bytes).map_err(io)?;
+                    let owner_bytes = 96 + pk.len();
+                    self.owners.push(*id, (r.position, ByteBuf::from(pk)), owner_bytes).map_err(io)?;
                 }
                 Event::AssertionRetracted(rt) => {
                     self.retractions.push((rt.id, r.position), (), 64).map_err(io)?;
@@ -92,7 +86,7 @@ impl BulkLoad for SortedBuild<'_> {
     }
 
     fn finish(self: Box<Self>) -> Result<u64, ProjectionError> {
-        let SortedBuild { store, first, last, mut changes, owners, retractions } = *self;
+        let SortedBuild { store, first, last, records, owners, retractions } = *self;
         let Some(_) = first else {
             crate::projection::flush_redb(&store.db, e)?;
             return Ok(0);
@@ -105,6 +99,8 @@ impl BulkLoad for SortedBuild<'_> {
         // Owners in id order, joined with the retractions to route each
         // one to its pair (as the incremental path does through the owners
         // table, retractions of unknown ids are ignored).
+        let dir = crate::projection::slot::sibling(&store.path, "sort");
+        let mut routed: Sorter<(ByteBuf, u64), AssertionId> = Sorter::new(&dir, "retractions-by-pair", store.sort_budget / 8);
         let mut retractions = retractions.finish().map_err(io)?;
         let mut owners = owners.finish().map_err(io)?;
         load = load.fill(
@@ -118,7 +114,7 @@ impl BulkLoad for SortedBuild<'_> {
                     while let Some(r) = retractions.next_if_key(|(rid, _)| *rid <= id) {
                         let ((rid, at), ()) = r.map_err(io)?;
                         if rid == id && at > position {
-                            changes.push((pk.clone(), at), Change::Retract(rid), 96 + pk.len()).map_err(io)?;
+                            routed.push((pk.clone(), at), rid, 96 + pk.len()).map_err(io)?;
                         }
                     }
                     written += 16 + pk.len() + 8;
@@ -138,12 +134,14 @@ impl BulkLoad for SortedBuild<'_> {
             r.map_err(io)?;
         }
         load = load.rotate().map_err(e)?;
-        // Pairs in key order, each replayed once from its changes. One
-        // thread merges the runs and replays each pair's live set; the
+        // Pairs in key order, each replayed once from its records and
+        // retractions. One thread merges the runs and replays each pair's
+        // live set; the
         // encoders summarize and encode (the heaviest part, and the only
         // one that parallelizes); this one appends. The other projections
         // of a rebuild often finish first, leaving the cores to this.
-        let merged = changes.finish().map_err(io)?;
+        let records = records.finish().map_err(io)?;
+        let routed = routed.finish().map_err(io)?;
         let defs = &store.defs;
         let workers = encoder_threads();
         let load = std::thread::scope(|scope| {
@@ -158,7 +156,7 @@ impl BulkLoad for SortedBuild<'_> {
                 outputs.push(from_encoder);
             }
             let batch = batch_pairs(store.sort_budget);
-            threads.push(spawn(scope, "rebuild-lenses-replay".into(), move || replay_pairs(merged, batch, inputs))?);
+            threads.push(spawn(scope, "rebuild-lenses-replay".into(), move || replay_pairs(records, routed, batch, inputs))?);
             let appended = append_pairs(load, outputs);
             // On an append error the receivers are gone, which stops the
             // encoders, and with them the replay.
@@ -238,25 +236,37 @@ fn batch_pairs(sort_budget: usize) -> usize {
     (sort_budget / (256 * 1024)).clamp(1, 256)
 }
 
-/// Replays each pair's changes (sorted by pair, then position) into its
-/// live set and deals the sets, in key order, in batches of `size` to
-/// `encoders` in turn; stops early if one is gone.
+/// Replays each pair's records (in key order, each pair's in log order)
+/// and its retractions (sorted by pair, then position) into its live set,
+/// and deals the sets, in key order, in batches of `size` to `encoders` in
+/// turn; stops early if one is gone.
 fn replay_pairs(
-    mut merged: Merge<(ByteBuf, u64), Change>,
+    records: Groups<Recorded>,
+    mut retractions: Merge<(ByteBuf, u64), AssertionId>,
     size: usize,
     encoders: Vec<std::sync::mpsc::SyncSender<Vec<ReplayedPair>>>,
 ) -> Result<(), ProjectionError> {
     let mut batch = Vec::with_capacity(size);
     let mut turn = encoders.iter().cycle();
-    while let Some(row) = merged.next() {
-        let ((pk, _), change) = row.map_err(io)?;
-        let mut set = LiveSet::default();
-        apply(&mut set, change);
-        while merged.peek_key().is_some_and(|(next, _)| *next == pk) {
-            let Some(row) = merged.next() else { break };
-            apply(&mut set, row.map_err(io)?.1);
+    for group in records {
+        let (pk, records) = group.map_err(io)?;
+        // A retraction is routed through a record's pair, so none can be
+        // for a pair before this one; a damaged run could still say so.
+        while let Some(r) = retractions.next_if_key(|(p, _)| p.as_slice() < pk.as_slice()) {
+            r.map_err(io)?;
         }
-        batch.push((pk, set));
+        let mut set = LiveSet::default();
+        for record in records {
+            // Retractions of this pair logged before the record come first.
+            while let Some(r) = retractions.next_if_key(|(p, at)| *p == pk && *at < record.position) {
+                set.retract(&r.map_err(io)?.1);
+            }
+            set.add(record);
+        }
+        while let Some(r) = retractions.next_if_key(|(p, _)| *p == pk) {
+            set.retract(&r.map_err(io)?.1);
+        }
+        batch.push((ByteBuf::from(pk), set));
         if batch.len() >= size {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(size));
             if turn.next().is_none_or(|to| to.send(full).is_err()) {
@@ -291,13 +301,4 @@ fn encode_pairs(
         }
     }
     Ok(())
-}
-
-fn apply(set: &mut LiveSet, change: Change) {
-    match change {
-        Change::Record(r) => set.add(r),
-        Change::Retract(id) => {
-            set.retract(&id);
-        }
-    }
 }
