@@ -13,11 +13,22 @@
 
 use redb::{Database, Durability, WriteTransaction};
 
-/// Bytes written into one transaction before it is committed: a quarter of
-/// the write buffer of the smallest cache a store gets (the buffer is half
-/// the cache, the offline cache is 256 MiB), so even a large row cannot
-/// push it over.
+/// Most bytes written into one transaction before it is committed: a
+/// quarter of the write buffer (half the cache) of a store with a 256 MiB
+/// cache, which serves an online rebuild well. Stores with a smaller cache commit sooner: see [`commit_bytes`].
 pub(crate) const COMMIT_BYTES: usize = 32 * 1024 * 1024;
+
+/// Bytes written into one transaction before it is committed: a quarter of
+/// the write buffer of this process's stores (so even a large row cannot
+/// push a transaction over it), at most [`COMMIT_BYTES`].
+///
+/// The buffer also holds the pages of the non-durable commits until the
+/// load's last, durable commit writes them all, with every other thread of
+/// the load finished; a smaller cache (the offline tools') keeps that tail
+/// short and the load's memory low.
+pub(crate) fn commit_bytes() -> usize {
+    (super::store_tuning().cache_bytes / 8).clamp(1024 * 1024, COMMIT_BYTES)
+}
 
 /// The current transaction of a bulk load and what it has written so far.
 pub(crate) struct Chunked<'db> {
@@ -29,11 +40,11 @@ pub(crate) struct Chunked<'db> {
 
 impl<'db> Chunked<'db> {
     /// Starts the first transaction on `db`; each one is committed once
-    /// about `limit` bytes (at most [`COMMIT_BYTES`]) are written into it.
+    /// about `limit` bytes (at most [`commit_bytes`]) are written into it.
     /// A store's sort budget is its limit too when smaller, so the tests'
     /// tiny budgets exercise many transactions.
     pub(crate) fn begin(db: &'db Database, limit: usize) -> Result<Chunked<'db>, redb::Error> {
-        Ok(Chunked { db, tx: begin(db)?, written: 0, limit: limit.clamp(1, COMMIT_BYTES) })
+        Ok(Chunked { db, tx: begin(db)?, written: 0, limit: limit.clamp(1, commit_bytes()) })
     }
 
     /// The transaction to write into. Tables opened on it must be closed

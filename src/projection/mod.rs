@@ -38,11 +38,14 @@ pub struct ProjectionError {
 }
 
 /// Page cache of each projection store in the offline tools unless
-/// `STEMEDB_STORE_CACHE_MB` says otherwise (redb's default is 1 GiB per
-/// database, which with several stores and their shadows would put a
-/// rebuild over its memory budget). `serve` sets its own, larger, cache
-/// with [`tune_stores`]: reads are fastest when the stores fit.
-pub const STORE_CACHE_BYTES: usize = 256 * 1024 * 1024;
+/// `STEMEDB_STORE_CACHE_MB` says otherwise. An offline rebuild only
+/// appends, so a cache beyond the few pages it rereads only holds written
+/// pages back until the load's last, durable commit writes them, alone at
+/// the end; in a virtual machine every fresh page of it also costs a fault
+/// and a zeroing. 64 MiB rebuilt kv + lenses about 10% faster than 256 MiB,
+/// in half the memory (`docs/performance.md`). `serve` sets its own, larger,
+/// cache with [`tune_stores`]: reads are fastest when the stores fit.
+pub const STORE_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How often a live store's commit is made durable (fsynced) unless
 /// `serve` says otherwise (`STEMEDB_PROJECTION_SYNC_INTERVAL`). The commit
