@@ -844,3 +844,35 @@ proptest! {
         prop_assert!(leftovers.iter().all(|f| f.to_string_lossy().ends_with(".redb")), "sort runs left behind: {:?}", leftovers);
     }
 }
+
+/// A bulk load whose sort runs cannot be written (here the spill
+/// directory's name is taken by a file) fails with an error, for kv, whose
+/// sorting runs on a thread of its own, and for lenses; it neither hangs
+/// nor panics, and the caller can drop it.
+#[test]
+fn a_bulk_load_that_cannot_spill_fails_cleanly() {
+    let ops: Vec<Op> = (0..60)
+        .map(|i| Op::Assert { agent: i % AGENTS, tier: i % 8, value: i % 3, valid_ms: None, confidence: Some(0.5), supersede: Vec::new() })
+        .collect();
+    let records = build_log_with(&ops, |agent| format!("drug:{agent}"));
+    assert!(records.len() >= 20, "the log has records to sort");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stores: Vec<Box<dyn Projection>> = vec![
+        Box::new(KvStore::open(&dir.path().join("kv.redb")).expect("open").with_sort_budget(1)),
+        Box::new(LensStore::open(&dir.path().join("lenses.redb"), Definitions::default()).expect("open").with_sort_budget(1)),
+    ];
+    for store in &stores {
+        let blocker = dir.path().join(format!("{}.redb.sort", store.name()));
+        std::fs::write(&blocker, b"not a directory").expect("write the blocker");
+        let mut bulk = store.bulk_load().expect("bulk load").expect("an empty store offers a bulk load");
+        // Every push may be accepted while the sorting thread fails behind
+        // it; the failure must surface by `finish` at the latest.
+        let pushed = records.chunks(7).try_for_each(|batch| bulk.push(batch));
+        let outcome = match pushed {
+            Err(e) => Err(e),
+            Ok(()) => bulk.finish().map(|_| ()),
+        };
+        let err = outcome.expect_err("a load that cannot spill must fail");
+        assert!(err.to_string().contains("sorting") || err.to_string().contains("stopped"), "{}: {err}", store.name());
+    }
+}

@@ -146,6 +146,13 @@ pub trait BulkLoad: Send {
     /// Applies the next records (consecutive, right after the previous ones).
     fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError>;
 
+    /// [`push`](Self::push) of `batch[skip..]`, a batch the log reader
+    /// shares between the loads of one replay: a load that hands part of
+    /// its work to a thread of its own can keep the batch without copying.
+    fn push_shared(&mut self, batch: &std::sync::Arc<Vec<LogRecord>>, skip: usize) -> Result<(), ProjectionError> {
+        self.push(batch.get(skip..).unwrap_or_default())
+    }
+
     /// Writes everything held with the checkpoint, durably; returns the
     /// checkpoint. Until this returns, a crash may lose any part of the
     /// load (the store is a shadow, which is deleted at the next start).

@@ -238,7 +238,7 @@ fn consume(
         let records = &batch[skip..];
         let Some(last) = records.last().map(|r| r.position) else { continue };
         match bulk.as_mut() {
-            Some(b) => b.push(records)?,
+            Some(b) => b.push_shared(&batch, skip)?,
             None => {
                 store.apply(records)?;
             }

@@ -9,6 +9,12 @@
 //! end, so each page is written once instead of once per transaction that
 //! touches it.
 //!
+//! The log pass runs on two threads: the load's own encodes and appends
+//! the records and log rows, and a sorting thread ([`Sorting`]) takes the
+//! same shared batches and feeds the sorters and groupers. It was the
+//! busiest thread of a kv + lenses rebuild, and the one that paced the
+//! shared log reader, while the machine still had idle CPU.
+//!
 //! Retractions and supersessions change an assertion that was appended
 //! earlier. They are sorted by the id they target, merged with the sorted
 //! ids (which gives the target's position), sorted again by position, and
@@ -18,6 +24,9 @@
 //! cannot tell how a store was built.
 
 use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::thread::JoinHandle;
 
 use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -59,6 +68,12 @@ pub(super) struct SortedBuild<'a> {
     last: u64,
     /// Reused encoding buffer for records.
     encoded: Vec<u8>,
+    /// The sorting thread, until the load finishes.
+    sorting: Option<SortingThread>,
+}
+
+/// Every row of the log pass that is sorted rather than appended.
+struct Sorting {
     /// id → position.
     ids: Sorter<AssertionId, u64>,
     /// pair → its rows in [`BY_PAIR`].
@@ -70,6 +85,63 @@ pub(super) struct SortedBuild<'a> {
     changes: Sorter<(AssertionId, u64), Change>,
 }
 
+/// A [`Sorting`] on a thread of its own, fed the batches the load appends
+/// (shared, not copied; with the index of the first record to take). It
+/// never outlives the load: dropping it waits for the thread, so a
+/// cancelled rebuild cannot spill a run after its files were removed.
+struct SortingThread {
+    batches: Option<SyncSender<(Arc<Vec<LogRecord>>, usize)>>,
+    thread: Option<JoinHandle<Result<Sorting, ProjectionError>>>,
+}
+
+impl SortingThread {
+    fn start(sorting: Sorting) -> Result<SortingThread, ProjectionError> {
+        // Two batches in flight, as the log reader gives each load.
+        let (batches, received) = std::sync::mpsc::sync_channel::<(Arc<Vec<LogRecord>>, usize)>(2);
+        let thread = std::thread::Builder::new()
+            .name("rebuild-kv-sort".into())
+            .spawn(move || {
+                let mut sorting = sorting;
+                for (batch, skip) in received {
+                    sorting.push(batch.get(skip..).unwrap_or_default())?;
+                }
+                Ok(sorting)
+            })
+            .map_err(|x| kerr(format!("cannot start the sorting thread: {x}")))?;
+        Ok(SortingThread { batches: Some(batches), thread: Some(thread) })
+    }
+
+    /// Hands a batch over; if the thread has stopped (only an error stops
+    /// it early), that error.
+    fn send(&mut self, batch: Arc<Vec<LogRecord>>, skip: usize) -> Result<(), ProjectionError> {
+        match &self.batches {
+            Some(to) if to.send((batch, skip)).is_ok() => Ok(()),
+            _ => Err(self.wait().err().unwrap_or_else(|| kerr("the sorting thread stopped"))),
+        }
+    }
+
+    /// Waits for every batch sent to be sorted; gives the sorters back.
+    fn finish(mut self) -> Result<Sorting, ProjectionError> {
+        self.wait()
+    }
+
+    fn wait(&mut self) -> Result<Sorting, ProjectionError> {
+        self.batches = None;
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err(kerr("the sorting thread panicked"))),
+            None => Err(kerr("the sorting thread is gone")),
+        }
+    }
+}
+
+impl Drop for SortingThread {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.wait();
+        }
+    }
+}
+
 impl<'a> SortedBuild<'a> {
     /// A build into `store`, which must be empty; spills beside it.
     pub(super) fn new(store: &'a KvStore) -> Result<SortedBuild<'a>, ProjectionError> {
@@ -79,18 +151,21 @@ impl<'a> SortedBuild<'a> {
         if load.tx().open_table(META).map_err(kerr)?.get("checkpoint").map_err(kerr)?.is_some() {
             return Err(kerr("a sorted build needs an empty store"));
         }
-        Ok(SortedBuild {
-            store,
-            load: Some(load),
-            first: None,
-            last: 0,
-            encoded: Vec::new(),
+        let sorting = Sorting {
             // Four index rows per assertion against one id row; pair rows
             // are the largest (a long key, repeated least).
             pairs: Grouper::new(&dir, "pairs", budget / 8 * 3),
             names: ["subjects", "predicates", "agents"].map(|name| Grouper::new(&dir, name, budget / 8)),
             ids: Sorter::new(&dir, "ids", budget / 8 * 2),
             changes: Sorter::new(&dir, "changes", budget / 8),
+        };
+        Ok(SortedBuild {
+            store,
+            load: Some(load),
+            first: None,
+            last: 0,
+            encoded: Vec::new(),
+            sorting: Some(SortingThread::start(sorting)?),
         })
     }
 }
@@ -101,8 +176,14 @@ fn io(x: std::io::Error) -> ProjectionError {
 
 impl BulkLoad for SortedBuild<'_> {
     fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        self.push_shared(&Arc::new(records.to_vec()), 0)
+    }
+
+    fn push_shared(&mut self, batch: &Arc<Vec<LogRecord>>, skip: usize) -> Result<(), ProjectionError> {
+        let records = batch.get(skip..).unwrap_or_default();
         let Some(first) = records.first().map(|r| r.position) else { return Ok(()) };
         check_continues(&mut self.first, self.last, first).map_err(kerr)?;
+        self.sorting.as_mut().ok_or_else(|| kerr("the load is finished"))?.send(batch.clone(), skip)?;
         let mut load = self.load.take().ok_or_else(|| kerr("the load is finished"))?;
         let written = self.append(load.tx(), records)?;
         load.wrote(written);
@@ -117,7 +198,8 @@ impl BulkLoad for SortedBuild<'_> {
             crate::projection::flush_redb(&self.store.db, kerr)?;
             return Ok(0);
         }
-        let SortedBuild { ids, mut pairs, names, changes, last, store, .. } = *self;
+        let SortedBuild { sorting, last, store, .. } = *self;
+        let Sorting { ids, mut pairs, names, changes } = sorting.ok_or_else(|| kerr("the load is finished"))?.finish()?;
         let budget = store.sort_budget / 8;
         let dir = crate::projection::slot::sibling(&store.path, "sort");
         // Ids in order, joined with the changes to find their targets'
@@ -286,9 +368,42 @@ fn rewrite_changed(
     Ok(())
 }
 
+impl Sorting {
+    /// Sorts what the log pass does not append of `records`.
+    fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        for r in records {
+            let p = r.position;
+            match &r.event {
+                Event::AssertionRecorded { id, assertion: a } => {
+                    for s in &a.supersedes {
+                        self.changes.push((*s, p), Change::SupersededBy(*id), 128).map_err(io)?;
+                    }
+                    self.ids.push(*id, p, 80).map_err(io)?;
+                    self.pairs.push(&pair_key(&a.subject, &a.predicate), (p, KIND_ASSERTED, p)).map_err(io)?;
+                    for (names, name) in self.names.iter_mut().zip([&a.subject, &a.predicate, &a.agent]) {
+                        names.push(name.as_bytes(), p).map_err(io)?;
+                    }
+                }
+                Event::AssertionRetracted(rt) => {
+                    let retraction = StoredRetraction {
+                        position: p,
+                        recorded_at: r.recorded_at,
+                        agent: rt.agent.clone(),
+                        reason: rt.reason.clone(),
+                        signature: rt.signature.clone(),
+                    };
+                    let bytes = 160 + rt.reason.len();
+                    self.changes.push((rt.id, p), Change::Retracted(retraction), bytes).map_err(io)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl SortedBuild<'_> {
-    /// Appends the records and log rows of `records` and sorts the rest.
-    /// Returns about how many bytes it wrote into the tables.
+    /// Appends the records and log rows of `records` (the sorting thread
+    /// has the rest). Returns about how many bytes it wrote into the tables.
     fn append(&mut self, tx: &WriteTransaction, records: &[LogRecord]) -> Result<usize, ProjectionError> {
         let mut written = 0;
         let mut log = tx.open_table(LOG).map_err(kerr)?;
@@ -299,32 +414,15 @@ impl SortedBuild<'_> {
             let p = r.position;
             match &r.event {
                 Event::AssertionRecorded { id, assertion: a } => {
-                    for s in &a.supersedes {
-                        self.changes.push((*s, p), Change::SupersededBy(*id), 128).map_err(io)?;
-                    }
                     log.insert_before(p, (id.0.as_slice(), KIND_ASSERTED, ns(&r.recorded_at))).map_err(kerr)?;
                     let record = NewRecord { position: p, recorded_at: r.recorded_at, assertion: a, retraction: None, superseded_by: &[] };
                     self.encoded.clear();
                     rmp_serde::encode::write_named(&mut self.encoded, &record).map_err(kerr)?;
                     stored.insert_before(p, self.encoded.as_slice()).map_err(kerr)?;
                     written += self.encoded.len() + LOG_ROW_BYTES;
-                    self.ids.push(*id, p, 80).map_err(io)?;
-                    self.pairs.push(&pair_key(&a.subject, &a.predicate), (p, KIND_ASSERTED, p)).map_err(io)?;
-                    for (names, name) in self.names.iter_mut().zip([&a.subject, &a.predicate, &a.agent]) {
-                        names.push(name.as_bytes(), p).map_err(io)?;
-                    }
                 }
                 Event::AssertionRetracted(rt) => {
                     log.insert_before(p, (rt.id.0.as_slice(), KIND_RETRACTED, ns(&r.recorded_at))).map_err(kerr)?;
-                    let retraction = StoredRetraction {
-                        position: p,
-                        recorded_at: r.recorded_at,
-                        agent: rt.agent.clone(),
-                        reason: rt.reason.clone(),
-                        signature: rt.signature.clone(),
-                    };
-                    let bytes = 160 + rt.reason.len();
-                    self.changes.push((rt.id, p), Change::Retracted(retraction), bytes).map_err(io)?;
                 }
             }
             self.last = p;
