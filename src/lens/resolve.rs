@@ -148,32 +148,55 @@ pub fn resolve(lens: Lens, set: &LiveSet, defs: &Definitions, w: Weighting) -> R
     let mut r = consensus(set, &all, defs, w);
     match lens {
         Lens::Consensus | Lens::Skeptic => {}
-        Lens::Recency => r.winner = all.iter().max_by_key(|e| e.newness()).map(|e| single(set, e)),
-        Lens::Confidence => {
-            r.winner =
-                all.iter().max_by(|a, b| a.confidence.total_cmp(&b.confidence).then(a.newness().cmp(&b.newness()))).map(|e| single(set, e))
-        }
-        Lens::Authority => {
-            r.winner = all
-                .iter()
-                // Tier::Regulatory sorts first, so a *smaller* tier is stronger.
-                .max_by(|a, b| b.tier.cmp(&a.tier).then(a.confidence.total_cmp(&b.confidence)).then(a.newness().cmp(&b.newness())))
-                .map(|e| single(set, e))
-        }
+        Lens::Recency | Lens::Confidence | Lens::Authority => r.winner = pick(lens, set),
         Lens::Layered => {
-            let mut tiers = BTreeMap::new();
-            for t in Tier::ALL {
-                let in_tier: Vec<&Entry> = all.iter().copied().filter(|e| e.tier == t).collect();
-                if !in_tier.is_empty() {
-                    tiers.insert(t, consensus(set, &in_tier, defs, w));
-                }
-            }
+            let tiers = per_tier(set, defs, w, &r);
             // The overall winner is the strongest tier's consensus winner.
             r.winner = tiers.values().next().and_then(|t: &Resolution| t.winner.clone());
             r.tiers = Some(tiers);
         }
     }
     r
+}
+
+/// The winner of a lens that picks one assertion (`recency`,
+/// `confidence`, `authority`; `None` for the others), without the
+/// consensus claims a [`resolve`] also computes: a lens summary stores
+/// the claims once and only the winner of each of these.
+pub fn pick(lens: Lens, set: &LiveSet) -> Option<Winner> {
+    let all = set.entries.iter();
+    match lens {
+        Lens::Recency => all.max_by_key(|e| e.newness()).map(|e| single(set, e)),
+        Lens::Confidence => {
+            all.max_by(|a, b| a.confidence.total_cmp(&b.confidence).then(a.newness().cmp(&b.newness()))).map(|e| single(set, e))
+        }
+        Lens::Authority => all
+            // Tier::Regulatory sorts first, so a *smaller* tier is stronger.
+            .max_by(|a, b| b.tier.cmp(&a.tier).then(a.confidence.total_cmp(&b.confidence)).then(a.newness().cmp(&b.newness())))
+            .map(|e| single(set, e)),
+        Lens::Consensus | Lens::Skeptic | Lens::Layered => None,
+    }
+}
+
+/// The consensus within each tier that has live entries (what `layered`
+/// shows), given `overall`, the consensus of the whole set with the same
+/// weighting: when every entry is in one tier that tier's consensus is the
+/// same computation, so it is copied rather than redone.
+pub fn per_tier(set: &LiveSet, defs: &Definitions, w: Weighting, overall: &Resolution) -> BTreeMap<Tier, Resolution> {
+    let mut tiers = BTreeMap::new();
+    if let Some(first) = set.entries.first()
+        && set.entries.iter().all(|e| e.tier == first.tier)
+    {
+        tiers.insert(first.tier, Resolution { tiers: None, ..overall.clone() });
+        return tiers;
+    }
+    for t in Tier::ALL {
+        let in_tier: Vec<&Entry> = set.entries.iter().filter(|e| e.tier == t).collect();
+        if !in_tier.is_empty() {
+            tiers.insert(t, consensus(set, &in_tier, defs, w));
+        }
+    }
+    tiers
 }
 
 fn single(set: &LiveSet, e: &Entry) -> Winner {

@@ -50,16 +50,18 @@ pub struct Summary {
 impl Summary {
     /// Computes the summary of a live set.
     pub fn of(set: &LiveSet, defs: &Definitions) -> Summary {
+        // The consensus once, and from it the tiers; the other lenses'
+        // winners alone (a `resolve` of each would redo the consensus).
         let w = Weighting::plain();
         let consensus = lens::resolve(Lens::Consensus, set, defs, w);
-        let layered = lens::resolve(Lens::Layered, set, defs, w);
+        let tiers = lens::resolve::per_tier(set, defs, w, &consensus);
         Summary {
-            recency: lens::resolve(Lens::Recency, set, defs, w).winner,
-            confidence: lens::resolve(Lens::Confidence, set, defs, w).winner,
-            authority: lens::resolve(Lens::Authority, set, defs, w).winner,
+            recency: lens::resolve::pick(Lens::Recency, set),
+            confidence: lens::resolve::pick(Lens::Confidence, set),
+            authority: lens::resolve::pick(Lens::Authority, set),
             claims: consensus.claims,
             conflict: consensus.conflict,
-            tiers: layered.tiers.unwrap_or_default(),
+            tiers,
         }
     }
 

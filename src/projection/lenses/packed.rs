@@ -57,7 +57,7 @@ struct Packed<V, T> {
 struct Tables<'a> {
     values: Vec<&'a Object>,
     ids: Vec<AssertionId>,
-    id_index: HashMap<AssertionId, u32>,
+    id_index: HashMap<AssertionId, u32, foldhash::fast::RandomState>,
 }
 
 impl<'a> Tables<'a> {
