@@ -9,11 +9,11 @@
 //! end, so each page is written once instead of once per transaction that
 //! touches it.
 //!
-//! The log pass runs on two threads: the load's own encodes and appends
-//! the records and log rows, and a sorting thread ([`Sorting`]) takes the
-//! same shared batches and feeds the sorters and groupers. It was the
-//! busiest thread of a kv + lenses rebuild, and the one that paced the
-//! shared log reader, while the machine still had idle CPU.
+//! The log pass runs on two threads: the load's own thread encodes and
+//! appends the records and log rows, while a sorting thread ([`Sorting`])
+//! takes the same shared batches and feeds the sorters and groupers. One
+//! thread doing both was the busiest of a kv + lenses rebuild, and it
+//! paced the shared log reader while the machine still had idle CPU.
 //!
 //! Retractions and supersessions change an assertion that was appended
 //! earlier. They are sorted by the id they target, merged with the sorted

@@ -136,10 +136,10 @@ impl BulkLoad for SortedBuild<'_> {
         load = load.rotate().map_err(e)?;
         // Pairs in key order, each replayed once from its records and
         // retractions. One thread merges the runs and replays each pair's
-        // live set; the
-        // encoders summarize and encode (the heaviest part, and the only
-        // one that parallelizes); this one appends. The other projections
-        // of a rebuild often finish first, leaving the cores to this.
+        // live set; the encoders summarize and encode (the heaviest part,
+        // and the only one that parallelizes); this one appends. The other
+        // projections of a rebuild often finish first, leaving the cores
+        // to this.
         let records = records.finish().map_err(io)?;
         let routed = routed.finish().map_err(io)?;
         let defs = &store.defs;
