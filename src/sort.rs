@@ -227,6 +227,9 @@ impl<K, V> Drop for Merge<K, V> {
 /// distinct keys are sorted when the buffer is spilled or finished. Memory
 /// is bounded by the budget exactly as a [`Sorter`]'s is.
 pub(crate) struct Grouper<V> {
+    /// Keys are names clients chose; foldhash hashes short keys faster
+    /// than the standard SipHash and is still seeded at random per
+    /// process, so keys cannot be chosen in advance to collide.
     groups: std::collections::HashMap<Vec<u8>, Vec<V>, foldhash::fast::RandomState>,
     bytes: usize,
     budget: usize,
