@@ -15,7 +15,8 @@ use redb::{Database, Durability, WriteTransaction};
 
 /// Most bytes written into one transaction before it is committed: a
 /// quarter of the write buffer (half the cache) of a store with a 256 MiB
-/// cache, which serves an online rebuild well. Stores with a smaller cache commit sooner: see [`commit_bytes`].
+/// cache, which serves an online rebuild well. Stores with a smaller cache
+/// commit sooner: see [`commit_bytes`].
 pub(crate) const COMMIT_BYTES: usize = 32 * 1024 * 1024;
 
 /// Bytes written into one transaction before it is committed: a quarter of

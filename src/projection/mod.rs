@@ -42,7 +42,7 @@ pub struct ProjectionError {
 /// appends, so a cache beyond the few pages it rereads only holds written
 /// pages back until the load's last, durable commit writes them, alone at
 /// the end; in a virtual machine every fresh page of it also costs a fault
-/// and a zeroing. 64 MiB rebuilt kv + lenses about 10% faster than 256 MiB,
+/// and a zeroing. 64 MiB rebuilt kv + lenses about 6% faster than 256 MiB,
 /// in half the memory (`docs/performance.md`). `serve` sets its own, larger,
 /// cache with [`tune_stores`]: reads are fastest when the stores fit.
 pub const STORE_CACHE_BYTES: usize = 64 * 1024 * 1024;
