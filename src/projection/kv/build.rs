@@ -176,6 +176,8 @@ fn io(x: std::io::Error) -> ProjectionError {
 
 impl BulkLoad for SortedBuild<'_> {
     fn push(&mut self, records: &[LogRecord]) -> Result<(), ProjectionError> {
+        // A borrowed slice cannot reach the sorting thread: copy it once.
+        // Replays never come this way; they share their batches.
         self.push_shared(&Arc::new(records.to_vec()), 0)
     }
 
