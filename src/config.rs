@@ -81,9 +81,17 @@ pub struct ServeArgs {
     /// Directory holding `lenses.toml` [default: the definitions built into the binary].
     #[arg(long, env = "STEMEDB_PROJECTIONS_DIR")]
     pub projections_dir: Option<PathBuf>,
-    /// `/v1/ready` answers 503 when a projection is more than this many events behind.
+    /// `/v1/ready` answers 503 when a projection is more than this many
+    /// events behind the head of `--ready-max-delay` ago.
     #[arg(long, env = "STEMEDB_READY_MAX_LAG", default_value_t = 10_000)]
     pub ready_max_lag: u64,
+    /// How stale a projection may be before `/v1/ready` counts its lag:
+    /// events committed more recently than this are allowed to be missing
+    /// (the search index shows writes at commits on a cadence, and a bulk
+    /// load is briefly far ahead of every projection). `0s` counts every
+    /// event.
+    #[arg(long, env = "STEMEDB_READY_MAX_DELAY", default_value = "2s", value_parser = parse_delay)]
+    pub ready_max_delay: std::time::Duration,
     /// Page cache of each projection store, in MiB. Lens and KV reads are
     /// fastest when the stores fit (a lens read that misses it costs a
     /// file read and a page allocation); offline tools (`admin
@@ -169,6 +177,11 @@ pub fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s:?} is too short; use at least 10ms"));
     }
     Ok(d)
+}
+
+/// A duration that may be zero (`0s` turns the allowance off).
+fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration such as 2s or 0s: {e}"))
 }
 
 fn parse_segment_bytes(s: &str) -> Result<u64, String> {

@@ -927,6 +927,42 @@ async fn ready_and_metrics() {
     assert_eq!(kv_line.split_whitespace().last().and_then(|n| n.parse::<f64>().ok()), Some(last as f64), "{kv_line}");
 }
 
+/// Readiness counts only what a projection misses beyond
+/// STEMEDB_READY_MAX_DELAY: a search index that shows writes at its next
+/// commit (here once an hour) is ready while the write is younger than the
+/// delay, and not ready, by name, once it is older.
+#[tokio::test]
+async fn readiness_allows_events_younger_than_the_delay() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let defs = tmp.path().join("defs");
+    std::fs::create_dir_all(&defs).expect("mkdir");
+    std::fs::write(defs.join("lenses.toml"), stemedb::lens::definitions::DEFAULT_LENSES_TOML).expect("write lenses.toml");
+    let search = stemedb::projection::search::schema::DEFAULT_SEARCH_TOML.replace("interval_ms = 500", "interval_ms = 3600000");
+    assert_ne!(search, stemedb::projection::search::schema::DEFAULT_SEARCH_TOML);
+    std::fs::write(defs.join("search.toml"), search).expect("write search.toml");
+    let defs_s = defs.to_string_lossy().into_owned();
+    let env_vars = [("STEMEDB_PROJECTIONS_DIR", defs_s.as_str()), ("STEMEDB_READY_MAX_LAG", "0"), ("STEMEDB_READY_MAX_DELAY", "3s")];
+    let env = Env { server: common::Server::start(&tmp.path().join("data"), &env_vars), c: common::client(), _tmp: tmp };
+
+    let written = std::time::Instant::now();
+    let w = env.post(body("ready:1", "p", "v", "a")).await;
+    env.lens("consensus", "ready:1", "p", w.position, &[]).await;
+    env.get_ok("/v1/assertions", &[("min_position", &w.position.to_string())]).await;
+    let (st, _, v) = env.get("/v1/ready", &[]).await;
+    assert!(written.elapsed() < Duration::from_secs(3), "the first check must come within the delay");
+    assert_eq!(st, 200, "a write younger than the delay does not count: {v}");
+    assert_eq!(v["projections"]["search"]["lag"], 1, "search has not shown the write yet: {v}");
+    assert_eq!(v["projections"]["kv"]["lag"], 0, "{v}");
+
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(written.elapsed())).await;
+    let (st, ct, v) = env.get("/v1/ready", &[]).await;
+    assert_problem(st, &ct, &v, 503, "search misses a write older than the delay");
+    assert_eq!(v["type"], "urn:stemedb:problem:not-ready");
+    assert_eq!(v["lagging"], json!(["search"]), "only search lags: {v}");
+    assert_eq!(v["projections"]["search"]["lag"], 1, "{v}");
+    assert!(v["detail"].as_str().is_some_and(|d| d.contains("search") && d.contains("of 3s ago")), "{v}");
+}
+
 // ---------------------------------------------------------------------------
 // Restarts
 // ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ use crate::archive::Remote;
 use crate::archive::follower::{self, FollowConfig, Follower};
 use crate::archive::shipper::{ShipConfig, Shipper};
 use crate::config::{DataArgs, ServeArgs, WalSync};
+use crate::http::readiness::{self, Readiness};
 use crate::http::{self, AppState, Role};
 use crate::ingest::{Ingest, IngestOptions};
 use crate::model::parse::ParseOptions;
@@ -103,16 +104,29 @@ fn app_state(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     read: std::sync::Arc<ReadSide>,
 ) -> AppState {
-    AppState {
+    let state = AppState {
         role,
         shipping,
         parse_options: ParseOptions { require_signatures: args.require_signatures },
         metrics,
         read,
-        ready_max_lag: args.ready_max_lag,
+        readiness: std::sync::Arc::new(Readiness::new(args.ready_max_lag, args.ready_max_delay)),
         admin_enabled: args.admin_enabled || args.bind.ip().is_loopback(),
         follow_max_silence: args.follow_max_silence,
         search_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(search_threads(args.search_threads))),
+    };
+    tokio::spawn(sample_head(state.clone()));
+    state
+}
+
+/// Feeds readiness the head every [`readiness::SAMPLE_EVERY`], for as long
+/// as the runtime runs (its answer needs the heads of the last delay).
+async fn sample_head(state: AppState) {
+    let mut tick = tokio::time::interval(readiness::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        state.readiness.observe(std::time::Instant::now(), state.head());
     }
 }
 

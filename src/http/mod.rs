@@ -13,6 +13,7 @@ pub mod lenses;
 pub mod middleware;
 pub mod problem;
 pub mod query;
+pub mod readiness;
 pub mod search;
 pub mod system;
 
@@ -50,8 +51,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The projections.
     pub read: std::sync::Arc<crate::projection::read_side::ReadSide>,
-    /// `/v1/ready` fails when a projection is further behind than this.
-    pub ready_max_lag: u64,
+    /// When `/v1/ready` calls a projection lagging.
+    pub readiness: std::sync::Arc<readiness::Readiness>,
     /// Whether `/v1/admin/` is served.
     pub admin_enabled: bool,
     /// A follower is not ready after this long without a successful poll.

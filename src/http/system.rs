@@ -31,14 +31,15 @@ pub async fn health(State(st): State<AppState>) -> Response {
     }
 }
 
-/// `GET /v1/ready`: 200 when every projection is within the configured lag
-/// of the committed head and none is failing; otherwise 503 naming the
-/// lagging projection, so a load balancer stops routing reads here.
+/// `GET /v1/ready`: 200 when no projection is failing and none misses
+/// events older than the configured delay (beyond the configured lag; see
+/// [`readiness`](super::readiness)); otherwise 503 naming the lagging
+/// projection, so a load balancer stops routing reads here.
 pub async fn ready(State(st): State<AppState>) -> Response {
     let head = st.head();
     let status = st.read.status();
-    let lagging: Vec<&str> =
-        status.iter().filter(|p| p.failing || head.saturating_sub(p.position) > st.ready_max_lag).map(|p| p.name).collect();
+    let reference = st.readiness.reference(std::time::Instant::now(), head);
+    let lagging: Vec<&str> = status.iter().filter(|p| p.failing || st.readiness.lagging(reference, p.position)).map(|p| p.name).collect();
     let projections: serde_json::Map<String, serde_json::Value> = status
         .iter()
         .map(|p| (p.name.to_string(), json!({"position": p.position, "lag": head.saturating_sub(p.position), "failing": p.failing})))
@@ -73,7 +74,15 @@ pub async fn ready(State(st): State<AppState>) -> Response {
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "not-ready",
             "Not ready",
-            format!("projection(s) {} are more than {} events behind the log head {head} or failing", lagging.join(", "), st.ready_max_lag),
+            format!(
+                "projection(s) {} are failing, or more than {} events behind {}",
+                lagging.join(", "),
+                st.readiness.max_lag(),
+                match st.readiness.max_delay() {
+                    d if d.is_zero() => format!("the log head {head}"),
+                    d => format!("the log head of {} ago ({reference}; now {head})", humantime::format_duration(d)),
+                }
+            ),
         )
         .with("lagging", lagging)
         .with("position", head)
