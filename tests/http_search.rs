@@ -424,6 +424,21 @@ async fn changed_definition_is_stale_until_rebuilt() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(ok, "the rebuilt search index was never served; log:\n{}", env.server.log());
+    // The job reports the merge before the swap apart from the replay.
+    let job_id = job["job"].as_str().expect("job id");
+    let mut done = json!(null);
+    for _ in 0..400 {
+        let (_, _, v) = common::get_json(&env.c, &env.server.url(&format!("/v1/admin/projections/rebuild/{job_id}"))).await;
+        if v["state"] == "completed" {
+            done = v;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let p = &done["progress"]["search"];
+    assert_eq!(p["swapped"], true, "{done}");
+    assert_eq!(p["settling"], false, "{done}");
+    assert!(p["settle_seconds"].as_f64().is_some_and(|s| s >= 0.0), "{done}");
     // No stemming any more: "run" does not match "Running".
     let (_, _, v) = env.search(&[("q", "run")]).await;
     assert_eq!(v["total"], 0, "{v}");

@@ -256,7 +256,13 @@ async fn rebuild_online(url: &str, names: &[String]) -> anyhow::Result<i32> {
                 p["head"],
                 p["events_per_sec"].as_f64().unwrap_or(0.0),
                 p["eta_seconds"].as_f64().unwrap_or(0.0),
-                if p["swapped"].as_bool() == Some(true) { "  swapped in" } else { "" }
+                if p["swapped"].as_bool() == Some(true) {
+                    "  swapped in"
+                } else if p["settling"].as_bool() == Some(true) {
+                    "  merging segments before the swap"
+                } else {
+                    ""
+                }
             );
         }
         match j["state"].as_str() {

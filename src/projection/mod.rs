@@ -184,6 +184,16 @@ pub trait Projection: Send + Sync + 'static {
     /// hand-over and at shutdown.
     fn flush(&self) -> Result<u64, ProjectionError>;
 
+    /// Finishes, before a rebuilt store is installed, the work it would
+    /// otherwise leave to the background once serving: the search index
+    /// merges the segments its bulk load left (closing the writer would
+    /// cancel those merges, and searches ran at half speed until the
+    /// server redid them). A rebuild calls it after its bulk load, before
+    /// catching up with the writes of the meantime and handing over.
+    fn settle(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+
     /// A bulk loader for this store, if it has one (see [`BulkLoad`]); the
     /// caller guarantees nobody reads the store until `finish` returns.
     /// Stores without one are rebuilt through [`apply`](Self::apply).

@@ -44,6 +44,11 @@ pub struct Progress {
     pub target: AtomicU64,
     /// Whether this projection's shadow has been swapped in.
     pub swapped: AtomicBool,
+    /// Microseconds into the job at which the running
+    /// [`settle`](super::Projection::settle) began; 0 when none runs.
+    pub settling_since_us: AtomicU64,
+    /// Microseconds spent settling, which the replay speed leaves out.
+    pub settled_us: AtomicU64,
 }
 
 /// One rebuild job.
@@ -80,6 +85,11 @@ pub struct ProgressView {
     pub started_at: String,
     /// Whether the shadow has been swapped in.
     pub swapped: bool,
+    /// Whether the shadow is finishing background work before it is
+    /// handed over (search: merging the segments of the bulk load).
+    pub settling: bool,
+    /// Seconds spent settling so far.
+    pub settle_seconds: f64,
 }
 
 impl Job {
@@ -122,7 +132,10 @@ impl Job {
         let p = self.progress.get(projection)?;
         let done = p.done.load(Ordering::Relaxed);
         let head = p.target.load(Ordering::Relaxed).max(done);
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let now_us = self.micros();
+        let since = p.settling_since_us.load(Ordering::Relaxed);
+        let settle_us = p.settled_us.load(Ordering::Relaxed) + if since > 0 { now_us.saturating_sub(since) } else { 0 };
+        let secs = (now_us.saturating_sub(settle_us) as f64 / 1e6).max(1e-3);
         let rate = done as f64 / secs;
         let swapped = p.swapped.load(Ordering::Relaxed);
         Some(ProgressView {
@@ -135,7 +148,25 @@ impl Job {
             eta_seconds: (rate > 0.0).then(|| (head - done) as f64 / rate),
             started_at: crate::model::time::format(&self.started_at),
             swapped,
+            settling: since > 0,
+            settle_seconds: settle_us as f64 / 1e6,
         })
+    }
+
+    /// Microseconds since the job started (at least 1, so 0 can mean "none").
+    fn micros(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// Runs `shadow`'s [`settle`](super::Projection::settle), timed apart
+    /// from the replay in `p`.
+    fn settle(&self, p: &Progress, shadow: &dyn Projection) -> Result<(), ProjectionError> {
+        let since = self.micros();
+        p.settling_since_us.store(since, Ordering::Relaxed);
+        let result = shadow.settle();
+        p.settled_us.fetch_add(self.micros().saturating_sub(since), Ordering::Relaxed);
+        p.settling_since_us.store(0, Ordering::Relaxed);
+        result
     }
 }
 
@@ -194,6 +225,9 @@ pub fn rebuild_offline_many(
         })?;
         for s in &shadows {
             s.flush()?;
+        }
+        for s in &shadows {
+            s.settle()?;
         }
         Ok(done.into_iter().map(|(_, t)| t).collect::<Vec<_>>())
     })();
@@ -269,6 +303,11 @@ impl<T: Projection> Rebuildable for Slot<T> {
                         progress.done.store(pos, Ordering::Relaxed);
                         !job.cancelled()
                     })?;
+                    if !job.cancelled() {
+                        // Merged while the old store still serves; the
+                        // passes below catch up with the writes meanwhile.
+                        job.settle(progress, &shadow)?;
+                    }
                     done.first().map(|d| d.0).unwrap_or(0)
                 } else {
                     replay_into(&shadow, &feed.wal_dir, head, DEFAULT_BATCH, |pos| {

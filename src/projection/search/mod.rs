@@ -89,6 +89,12 @@ impl Writer {
     }
 }
 
+/// An index writer with the definition's threads and memory. Call it at
+/// background priority: tantivy's threads inherit the caller's.
+fn start_writer(index: &Index, def: &SearchDefinition) -> Result<IndexWriter<TantivyDocument>, ProjectionError> {
+    index.writer_with_num_threads(def.writer_threads, def.writer_memory).map_err(e)
+}
+
 /// Stored documents are compressed in blocks of this many bytes. A hit
 /// decompresses its whole block: with tantivy's default (16 KiB, ~30
 /// assertions) each hit of a page cost ~10 µs, a fifth of a cheap search
@@ -151,7 +157,7 @@ impl SearchStore {
         // and each commit restarts the indexing threads): start them in
         // the background (`crate::priority`).
         let (writer, payload) = crate::priority::in_background(|| {
-            let mut writer = index.writer_with_num_threads(def.writer_threads, def.writer_memory).map_err(e)?;
+            let mut writer = start_writer(&index, &def)?;
             let payload = match payload {
                 Some(p) => p,
                 None => {
@@ -383,6 +389,23 @@ impl Projection for SearchStore {
         Some(self.def.commit_interval)
     }
 
+    /// Waits for the merges of the segments a bulk load left (about 32
+    /// per million documents), then starts a new writer: tantivy waits
+    /// for merges only by closing one.
+    fn settle(&self) -> Result<(), ProjectionError> {
+        let mut w = self.writer.lock().map_err(|_| e("the index writer lock is poisoned"))?;
+        w.set_bulk(false);
+        self.commit(&mut w)?;
+        if let Some(writer) = w.writer.take() {
+            writer.wait_merging_threads().map_err(e)?;
+            let writer = crate::priority::in_background(|| start_writer(&self.index, &self.def))
+                .map_err(|_| e("starting the index writer panicked"))??;
+            w.writer = Some(writer);
+            w.bulk = false;
+        }
+        Ok(())
+    }
+
     /// Searches see documents at commits on a cadence, not at once, so
     /// indexing yields the cores to writes and to kv and lenses.
     fn background(&self) -> bool {
@@ -445,5 +468,56 @@ mod tests {
         assert_eq!(store.checkpoint().expect("checkpoint"), 7);
         let err = store.apply(&[]).expect_err("an older layout is never written");
         assert!(err.message.contains("older layout"), "{}", err.message);
+    }
+
+    fn records(first: u64, n: u64) -> Vec<LogRecord> {
+        (first..first + n)
+            .map(|position| {
+                let assertion = crate::model::Assertion {
+                    subject: format!("s:{position}"),
+                    predicate: "p".into(),
+                    object: crate::model::Object::Integer(position as i64),
+                    confidence: None,
+                    agent: "a".into(),
+                    signature: None,
+                    source: None,
+                    valid_time: None,
+                    supersedes: Vec::new(),
+                };
+                let event = Event::AssertionRecorded { id: assertion.id(), assertion };
+                LogRecord { position, recorded_at: chrono::Utc::now(), event }
+            })
+            .collect()
+    }
+
+    /// A bulk load leaves one segment per commit; `settle` merges them
+    /// and the store goes on taking events, so the installed index opens
+    /// merged.
+    #[test]
+    fn settling_merges_what_a_bulk_load_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("search");
+        let store = SearchStore::open(&path, SearchDefinition::default()).expect("open");
+        for i in 0..20 {
+            store.apply(&records(1 + i * 20, 20)).expect("apply");
+            // Small batches, committed as a catching-up worker's large ones are.
+            let mut w = store.writer.lock().expect("lock");
+            w.set_bulk(true);
+            store.commit(&mut w).expect("commit");
+        }
+        let segments = |index: &Index| index.searchable_segment_ids().expect("segments").len();
+        let left = segments(&store.index);
+        assert!(left >= 10, "a segment per bulk commit (or per indexing thread): {left}");
+        store.flush().expect("flush");
+        store.settle().expect("settle");
+        // The new writer takes the next events as usual.
+        store.apply(&records(401, 1)).expect("apply after settling");
+        store.flush().expect("flush");
+        drop(store);
+        let index = Index::open_in_dir(&path).expect("reopen");
+        assert!(segments(&index) <= 3, "merged before closing: {} of {left} segments left", segments(&index));
+        let reopened = SearchStore::open(&path, SearchDefinition::default()).expect("open");
+        assert_eq!(reopened.checkpoint().expect("checkpoint"), 401);
+        assert_eq!(reopened.snapshot().0.num_docs(), 401);
     }
 }
