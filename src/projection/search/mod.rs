@@ -50,7 +50,8 @@ struct Payload {
 }
 
 struct Writer {
-    /// `None` only while the store is dropped.
+    /// `None` only inside [`Projection::settle`], which replaces the
+    /// writer under this lock (tantivy waits for merges only by closing one).
     writer: Option<IndexWriter<TantivyDocument>>,
     /// Encoded assertions added since the last commit (not yet findable
     /// through a searcher), by id.
